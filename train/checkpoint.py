@@ -1,0 +1,156 @@
+"""Atomic, resumable checkpoints (design.md "Checkpoints", style.md item 7).
+
+Layout under `run_dir/checkpoints/`:
+  - `<tag>/`: the DeepSpeed checkpoint (model incl. momentum encoder and queue buffers, optimizer,
+    ZeRO partitions), our client state under fixed keys (`format_version`, `epoch`,
+    `batch_in_epoch`, `global_step`, `config_yaml`, `prototypes`), one `rng_rank{r}.pt` per rank,
+    and `hcsc_official.pth.tar` (the official layout, spec 8, for the official eval scripts);
+  - `latest`: the tag of the newest complete checkpoint, replaced atomically as the last step.
+A save writes into `.tmp-<tag>/` and renames it when every rank has finished, then moves the
+pointer; a kill at any moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.prototypes import Prototypes
+from train import dist
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+POINTER = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class ResumePoint:
+    """Where training continues: the first batch not yet trained, and the epoch's prototypes."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    prototypes: Prototypes | None = None
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def make_tag(epoch: int, batch_in_epoch: int) -> str:
+    return f"epoch{epoch:04d}-batch{batch_in_epoch:06d}"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    pointer = checkpoint_dir(run_dir) / POINTER
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, keep_last: int,
+         official_state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Save on every rank (collective). Returns the tag."""
+    root = checkpoint_dir(run_dir)
+    tag = make_tag(point.epoch, point.batch_in_epoch)
+    tmp_tag = TMP_PREFIX + tag
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    client_state = {"format_version": FORMAT_VERSION, "epoch": point.epoch,
+                    "batch_in_epoch": point.batch_in_epoch, "global_step": point.global_step,
+                    "config_yaml": config_yaml,
+                    "prototypes": point.prototypes.state_dict() if point.prototypes else None}
+    engine.save(str(root), tmp_tag, client_state)
+    torch.save(_rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+    if dist.is_main() and official_state_dict is not None:
+        torch.save({"epoch": point.epoch, "state_dict": official_state_dict},
+                   root / tmp_tag / "hcsc_official.pth.tar")
+    dist.barrier()  # every rank's files are on disk before the rename publishes them
+    if dist.is_main():
+        shutil.rmtree(root / tag, ignore_errors=True)
+        os.replace(root / tmp_tag, root / tag)
+        _write_pointer(root, tag)
+        _prune(root, keep_last)
+        log.info("checkpoint saved: %s", root / tag)
+    dist.barrier()
+    return tag
+
+
+def _write_pointer(root: Path, tag: str) -> None:
+    tmp = root / f"{TMP_PREFIX}{POINTER}"
+    with tmp.open("w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / POINTER)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+    for stale in tags[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in root.glob(TMP_PREFIX + "*"):
+        if leftover.is_dir():  # a save killed half-way; never pointed to
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resolve(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint folder to resume from for `run.resume` (auto | none | path), or None."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = latest_tag(run_dir)
+        return checkpoint_dir(run_dir) / tag if tag else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run.resume: checkpoint folder {resume!r} does not exist "
+                                f"(expected {checkpoint_dir(run_dir)}/<tag>)")
+    return path
+
+
+def load(engine, path: Path, device: torch.device) -> tuple[ResumePoint, str]:
+    """Load a checkpoint on every rank; returns the resume point and the saved config YAML."""
+    client_state = engine.load(str(path.parent), path.name)
+    version = client_state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format_version {version!r}, "
+                         f"this trainer reads {FORMAT_VERSION}")
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s missing (world size changed?): RNG streams restart from the seed", rng_file)
+    protos = client_state.get("prototypes")
+    point = ResumePoint(epoch=client_state["epoch"], batch_in_epoch=client_state["batch_in_epoch"],
+                        global_step=client_state["global_step"],
+                        prototypes=Prototypes(**protos).to(device) if protos else None)
+    log.info("resumed from %s: epoch %d, batch %d", path, point.epoch, point.batch_in_epoch)
+    return point, client_state["config_yaml"]

@@ -1,0 +1,120 @@
+"""The one DeepSpeed wrapper: builds the DeepSpeed config from our schema and runs a train step.
+
+What trains: only the query encoder and its head are handed to the optimizer. The momentum
+encoder, the queue and its bookkeeping are buffers or frozen parameters of the same `HCSC` module,
+so they travel in the engine's module state dict (checkpoints) but are never optimised, never cast
+(mixed precision is DeepSpeed's `torch_autocast`, which leaves every weight and buffer in fp32;
+design.md "Engine") and never all-reduced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+
+from train import dist
+from train.config import Config, global_batch
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def prepare_environment() -> None:
+    """Make DeepSpeed usable here: CPU accelerator without CUDA, and a process group of one
+    when no launcher set one up (DeepSpeed would otherwise look for MPI)."""
+    if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        log.info("no CUDA device: DeepSpeed runs with DS_ACCELERATOR=cpu and gloo, fp32")
+    if not dist.launched():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the schema so the two cannot drift (style.md item 6)."""
+    precision = cfg.engine.precision
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ValueError(f"engine.precision={precision} needs a GPU here; use engine.precision=fp32 on CPU")
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": global_batch(cfg, world),
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # Our client optimizer is plain SGD (spec 5.2); DeepSpeed only vouches for its own.
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision != "fp32":
+        ds["torch_autocast"] = {"enabled": True, "dtype": _AUTOCAST_DTYPES[precision]}
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """SGD over the query encoder only; weight decay on every parameter (spec 5.2)."""
+    params = [p for p in model.encoder_q.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+class Engine:
+    """A DeepSpeed engine around an `HCSC` module.
+
+    Args:
+        model: the HCSC module (query + momentum encoders, queue).
+        cfg: the run config.
+        lr: the initial learning rate (the loop sets it every epoch).
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, lr: float) -> None:
+        import deepspeed  # heavy import, only when an engine is built
+
+        self.cfg = cfg
+        model.to(dist.device())
+        optimizer = build_optimizer(model, cfg, lr)
+        self.ds_config = deepspeed_config(cfg, dist.world())
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self.engine.train()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batch, prototypes, epoch: int) -> dict[str, torch.Tensor]:
+        """One step: forward through the engine (autocast applies there), backward, SGD step.
+
+        Returns the detached loss terms (tensors; the caller decides when to sync for logging).
+        """
+        out = self.engine(batch, prototypes, epoch=epoch)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint of model + optimizer (+ ZeRO partitions) into `folder/tag`."""
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, folder: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(
+            folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
+        return client_state
