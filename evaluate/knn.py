@@ -31,11 +31,12 @@ def local_topk(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 
 
 @torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
-                num_classes: int, k: int, temperature: float) -> torch.Tensor:
-    """Class scores (Q, C) of every query; the bank rows may be spread over ranks (collective).
+def merged_topk(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar bank rows of every query over all ranks (collective).
 
     Every rank must pass the same `queries`; each passes its own part of the bank (possibly empty).
+    Returns (similarities (Q, k), labels (Q, k)), sorted descending; missing rows are -inf.
     """
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
@@ -49,10 +50,40 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     all_sims = dist.all_gather_equal(sims).reshape(-1, q, k).permute(1, 0, 2).reshape(q, -1)
     all_labels = dist.all_gather_equal(labels).reshape(-1, q, k).permute(1, 0, 2).reshape(q, -1)
     top, where = all_sims.topk(k, dim=1)
-    votes = torch.exp(top / temperature)  # exp(-inf) = 0: padding never votes
-    scores = torch.zeros(q, num_classes, device=queries.device, dtype=votes.dtype)
-    scores.scatter_add_(1, all_labels.gather(1, where), votes)
-    return scores
+    return top, all_labels.gather(1, where)
+
+
+def _vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    votes = torch.exp(sims / temperature)  # exp(-inf) = 0: padding never votes
+    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=votes.dtype)
+    return scores.scatter_add_(1, labels, votes)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
+                num_classes: int, k: int, temperature: float) -> torch.Tensor:
+    """Class scores (Q, C) of every query; the bank rows may be spread over ranks (collective).
+
+    Every rank must pass the same `queries`; each passes its own part of the bank (possibly empty).
+    """
+    sims, labels = merged_topk(bank, bank_labels, queries, k)
+    return _vote(sims, labels, num_classes, temperature)
+
+
+@torch.no_grad()
+def knn_predict_many(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
+                     num_classes: int, ks: list[int], temperature: float,
+                     chunk: int = 8192) -> dict[int, torch.Tensor]:
+    """`knn_predict` for several k at once: one search for max(ks), each k votes with the prefix of
+    the sorted neighbours (the top-k of the top-K). Queries go in chunks of `chunk` to bound the
+    gathered candidate tensors. Returns {k: scores (Q, C)}."""
+    kmax = max(ks)
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, max(queries.shape[0], 1), chunk):
+        sims, labels = merged_topk(bank, bank_labels, queries[start:start + chunk], kmax)
+        for k in ks:
+            out[k].append(_vote(sims[:, :k], labels[:, :k], num_classes, temperature))
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor,

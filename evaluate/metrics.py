@@ -22,3 +22,9 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
             "ami": float(metrics.adjusted_mutual_info_score(labels, clusters)),
             "ari": float(metrics.adjusted_rand_score(labels, clusters)),
             "acc": hungarian_accuracy(labels, clusters)}
+
+
+def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Fraction of samples whose cluster's majority class is their own class, in [0, 1]."""
+    contingency = metrics.cluster.contingency_matrix(np.asarray(labels), np.asarray(clusters))
+    return float(contingency.max(axis=0).sum() / contingency.sum())

@@ -22,9 +22,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily so shard-building worker processes start fast
+    import torch
 
 FORMAT_VERSION = 1
 INFO_NAME = "_info.json"
@@ -59,6 +60,8 @@ def encode_idx(idx: int) -> bytes:
 
 def digits_to_int(digits: torch.Tensor) -> torch.Tensor:
     """Fixed-width ASCII digits, uint8 [B, W], to int64 [B] (on the tensor's device)."""
+    import torch
+
     values = digits.to(torch.int64) - ord("0")
     width = values.shape[-1]
     powers = 10 ** torch.arange(width - 1, -1, -1, device=values.device, dtype=torch.int64)
@@ -82,7 +85,9 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
 
 def split_info(folder: str | os.PathLike, split: str) -> dict[str, Any]:
     """The manifest entry of one split: num_samples, class_names, shards [{name, num_samples,
-    sha256, bytes, index}], idx_range, source, params, tool_version, converted, skipped."""
+    sha256, bytes, index, index_sha256, idx_range}], idx_range ([start, stop), half-open), source,
+    params, tool_version, fingerprint, converted {reason: count}, skipped [{input, reason}],
+    empty_classes."""
     info = read_info(folder)
     splits = info.get("splits", {})
     if split not in splits:
@@ -96,6 +101,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a manifest must be readable like its shards
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
             f.flush()

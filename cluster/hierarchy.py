@@ -1,0 +1,253 @@
+"""Hierarchical k-means into `Prototypes` (spec 2.3-2.5, design.md "Clustering").
+
+Level 1 clusters the image features sharded over ranks (`kmeans.kmeans`, one all-reduce per
+iteration). Everything after it is small (thousands of rows): rank 0 clusters the L2-normalised
+centroids of each level into the next, computes the concentrations and similarity matrices, and
+broadcasts them, so the result is bit-identical on every rank (spec 2.5: broadcast, not
+recomputed). `im2cluster` is gathered by dataset index, never summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cluster.concentration import cluster_sums, concentration
+from cluster.kmeans import KMeansResult, assign, kmeans
+from cluster.prototypes import Prototypes
+from train import dist
+from train.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+_CHECK_CHUNK = 65536  # rows per chunk of the finiteness check
+
+
+@dataclass
+class LevelStats:
+    """What one level's clustering did (logged, and kept on the result)."""
+
+    level: int  # 1-based, fine to coarse
+    clusters: int
+    points: int  # rows clustered at this level (images at level 1, child centroids above)
+    seconds: float  # k-means + assignment + concentration at this level
+    objective: float  # kept restart's last-iteration objective (faiss iteration_stats[-1].obj)
+    final_objective: float  # sum of squared distances to the returned centroids
+    empty: int  # clusters with no member in the final assignment
+    largest: int
+    smallest: int
+    nsplit: int  # empty-cluster splits during the kept restart
+    iterations: int  # Lloyd iterations of the kept restart (stops early once converged)
+    warm: bool  # initialised from the previous epoch's centroids
+
+
+@dataclass
+class HierarchyResult(Prototypes):
+    """`Prototypes` plus what the next epoch's warm start and the logs need.
+
+    Attributes:
+        raw_centroids: L tensors float32 (M_l, d): the un-normalised k-means centroids.
+        stats: one `LevelStats` per level.
+    """
+
+    raw_centroids: list[torch.Tensor] = field(default_factory=list)
+    stats: list[LevelStats] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> HierarchyResult:
+        base = Prototypes.to(self, device)
+        return HierarchyResult(base.im2cluster, base.centroids, base.density, base.cluster2cluster,
+                               base.logits, [t.to(device) for t in self.raw_centroids], self.stats)
+
+
+def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_samples: int,
+                        num_clusters: list[int], cfg: ClusterConfig, temperature: float,
+                        previous: Prototypes | None = None) -> HierarchyResult:
+    """Cluster the features of all ranks into `len(num_clusters)` levels; call on every rank.
+
+    Args:
+        idx: int64 (n_local,) dataset indices of this rank's rows; over all ranks exactly
+            0..num_samples-1, each once (checked).
+        features: float32 (n_local, d) L2-normalised embeddings (n_local may be 0).
+        num_samples: N, the dataset size.
+        num_clusters: M_1 > ... > M_L (spec 2.3: 3000, 2000, 1000).
+        cfg: k-means settings.
+        temperature: T, the mean concentration at every level (spec 2.4).
+        previous: last epoch's result; used only when `cfg.warm_start`.
+
+    Returns:
+        The prototypes, identical bit for bit on every rank, on `features.device`.
+    """
+    device = features.device
+    d = _agree_dim(features)
+    features = features.reshape(-1, d).float()
+    _check_sizes(num_samples, num_clusters)
+    _check_finite(features)
+    all_idx = _check_coverage(idx, num_samples)
+    inits = _warm_inits(previous, num_clusters, d, cfg)
+
+    start = time.perf_counter()
+    km = kmeans(features, idx, num_samples=num_samples, k=num_clusters[0], seed=0,
+                distributed=True, **_run_args(cfg, inits[0]))
+    labels, sq_dist = assign(features, km.centroids)
+    counts, sums = cluster_sums(labels, sq_dist, num_clusters[0])
+    reduced = dist.all_reduce_sum(torch.cat([counts, sums, sq_dist.double().sum().view(1)]))
+    y1 = torch.empty(num_samples, dtype=torch.int64, device=device)
+    y1[all_idx] = dist.all_gather_cat(labels)
+    level1 = (km, reduced.cpu(), time.perf_counter() - start, inits[0] is not None)
+
+    outcome = _run_upper(level1, num_clusters, cfg, temperature, inits, device) if dist.is_main() else None
+    logits = outcome[1].pop("logits") if outcome is not None and outcome[0] == "ok" else None
+    outcome = dist.broadcast_object(outcome)
+    if outcome[0] == "error":  # raised on rank 0; raise everywhere instead of leaving ranks waiting
+        raise ValueError(outcome[1])
+    small: dict[str, Any] = outcome[1]
+    small["logits"] = _broadcast_logits(logits, num_clusters, device)
+    im2cluster = [y1]
+    for parent in small["cluster2cluster"]:
+        im2cluster.append(parent.to(device)[im2cluster[-1]])
+    for stats in small["stats"]:
+        log.info("clustering level %d: %d points -> %d clusters in %.2fs, objective %.6g (final %.6g), "
+                 "%d empty, largest %d, smallest %d, %d splits, %d iterations%s", stats.level,
+                 stats.points, stats.clusters, stats.seconds, stats.objective, stats.final_objective,
+                 stats.empty, stats.largest, stats.smallest, stats.nsplit, stats.iterations,
+                 ", warm start" if stats.warm else "")
+
+    def move(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(device) for t in ts]
+
+    return HierarchyResult(im2cluster, move(small["centroids"]), move(small["density"]),
+                           move(small["cluster2cluster"]), small["logits"],
+                           move(small["raw_centroids"]), small["stats"])
+
+
+def _broadcast_logits(logits: list[torch.Tensor] | None, num_clusters: list[int],
+                      device: torch.device) -> list[torch.Tensor]:
+    """A^l from rank 0 by tensor broadcast (the largest outputs: no pickling, no extra copies)."""
+    out = []
+    for level, (rows, cols) in enumerate(zip(num_clusters, num_clusters[1:], strict=False)):
+        if logits is not None:
+            out.append(dist.broadcast_(logits[level].to(device), src=0))
+        else:
+            out.append(dist.broadcast_(torch.empty(rows, cols, device=device), src=0))
+    return out
+
+
+def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
+               inits: list[np.ndarray | None], device: torch.device) -> tuple[str, Any]:
+    """Rank 0: level-1 concentration, then levels 2..L on the normalised centroids."""
+    km, reduced, seconds, warm = level1
+    k = num_clusters[0]
+    counts, sums = reduced[:k], reduced[k: 2 * k]
+    try:
+        out: dict[str, Any] = {"raw_centroids": [], "centroids": [], "density": [],
+                               "cluster2cluster": [], "logits": [], "stats": []}
+        _add_level(out, 1, km, counts, sums, temperature, seconds, float(reduced[-1]), warm)
+        for level, k_next in enumerate(num_clusters[1:], start=2):
+            start = time.perf_counter()
+            x = out["centroids"][-1].to(device)
+            ids = torch.arange(x.shape[0], device=device)
+            # spec 2.3: the child centroids are clustered unweighted, seed = 0-based level index
+            km = kmeans(x, ids, num_samples=x.shape[0], k=k_next, seed=level - 1, distributed=False,
+                        **_run_args(cfg, inits[level - 1]))
+            parent, sq_dist = assign(x, km.centroids)
+            counts, sums = cluster_sums(parent, sq_dist, k_next)
+            _add_level(out, level, km, counts.cpu(), sums.cpu(), temperature,
+                       time.perf_counter() - start, float(sq_dist.double().sum()),
+                       inits[level - 1] is not None)
+            out["cluster2cluster"].append(parent.cpu())
+            logits = out["centroids"][-2] @ out["centroids"][-1].T
+            # |cos| <= 1 (spec 10.5); unit vectors can overshoot by an ulp in float32
+            out["logits"].append(logits.clamp_(-1.0, 1.0))
+        return "ok", out
+    except ValueError as err:
+        return "error", str(err)
+
+
+def _add_level(out: dict[str, Any], level: int, km: KMeansResult, counts: torch.Tensor,
+               sums: torch.Tensor, temperature: float, seconds: float, final_objective: float,
+               warm: bool) -> None:
+    raw = torch.from_numpy(km.centroids.copy())
+    out["raw_centroids"].append(raw)
+    # spec 2.3: centroids are L2-normalised after clustering; assignments used the raw ones
+    out["centroids"].append(F.normalize(raw, dim=1))
+    out["density"].append(concentration(counts, sums, temperature, level))
+    out["stats"].append(LevelStats(
+        level=level, clusters=int(counts.numel()), points=int(counts.sum()), seconds=seconds,
+        objective=km.objective, final_objective=final_objective, empty=int((counts == 0).sum()),
+        largest=int(counts.max()), smallest=int(counts.min()), nsplit=km.nsplit,
+        iterations=km.iterations, warm=warm))
+
+
+def _run_args(cfg: ClusterConfig, init: np.ndarray | None) -> dict[str, Any]:
+    """faiss settings for one level; a warm start runs one restart of `warm_start_niter`."""
+    return {"niter": cfg.warm_start_niter if init is not None else cfg.niter,
+            "nredo": 1 if init is not None else cfg.nredo, "init": init,
+            "max_points_per_centroid": cfg.max_points_per_centroid,
+            "min_points_per_centroid": cfg.min_points_per_centroid, "spherical": cfg.spherical}
+
+
+def _warm_inits(previous: Prototypes | None, num_clusters: list[int], d: int,
+                cfg: ClusterConfig) -> list[np.ndarray | None]:
+    cold: list[np.ndarray | None] = [None] * len(num_clusters)
+    if not cfg.warm_start:
+        return cold
+    if previous is None:
+        log.info("clustering: cold start (cluster.warm_start is on, but there is no previous result)")
+        return cold
+    raw = getattr(previous, "raw_centroids", [])
+    shapes = [tuple(t.shape) for t in raw]
+    if shapes != [(k, d) for k in num_clusters]:
+        log.warning("clustering: cold start: previous raw centroids have shapes %s, need %s",
+                    shapes, [(k, d) for k in num_clusters])
+        return cold
+    return [t.detach().float().cpu().numpy() for t in raw]
+
+
+def _agree_dim(features: torch.Tensor) -> int:
+    """Feature dimension, taken from the ranks that have rows (a rank may have none)."""
+    mine = int(features.shape[1]) if features.ndim == 2 and features.shape[0] > 0 else None
+    dims = {x for x in dist.all_gather_object(mine) if x is not None}
+    if len(dims) != 1:
+        raise ValueError(f"clustering: ranks disagree on the feature dimension ({sorted(dims)}) or no "
+                         "rank has any feature; check the eval loader")
+    return dims.pop()
+
+
+def _check_sizes(num_samples: int, num_clusters: list[int]) -> None:
+    points = num_samples
+    for level, k in enumerate(num_clusters, start=1):
+        if points < k:
+            what = "samples" if level == 1 else f"level-{level - 1} clusters"
+            raise ValueError(f"clustering level {level}: {points} {what} cannot make {k} clusters; "
+                             "lower hcsc.num_clusters or use more data")
+        points = k
+
+
+def _check_finite(features: torch.Tensor) -> None:
+    bad = torch.zeros(1, dtype=torch.int64, device=features.device)
+    for start in range(0, features.shape[0], _CHECK_CHUNK):  # chunks: no full-size bool mask
+        bad += (~torch.isfinite(features[start: start + _CHECK_CHUNK])).any(dim=1).sum()
+    total = int(dist.all_reduce_sum(bad).item())  # every rank raises together
+    if total:
+        raise ValueError(f"clustering: {total} feature rows are NaN or infinite; check the checkpoint "
+                         "and the learning rate")
+
+
+def _check_coverage(idx: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """All ranks' idx, gathered in rank order; every index 0..N-1 must appear exactly once."""
+    all_idx = dist.all_gather_cat(idx.to(torch.int64))
+    out_of_range = int(((all_idx < 0) | (all_idx >= num_samples)).sum())
+    hist = torch.bincount(all_idx[(all_idx >= 0) & (all_idx < num_samples)], minlength=num_samples)
+    missing, dup = int((hist == 0).sum()), int((hist > 1).sum())
+    if out_of_range or missing or dup:
+        raise ValueError(f"clustering: the eval loader gave {all_idx.numel()} rows for {num_samples} "
+                         f"samples ({missing} missing, {dup} duplicated, {out_of_range} out of range); "
+                         "every dataset index must appear exactly once across ranks")
+    return all_idx
+

@@ -1,0 +1,185 @@
+"""One reader for every checkpoint an evaluation accepts, and the backbone loader (spec 8).
+
+Accepted inputs, all read with ``torch.load(..., weights_only=True)`` (no code runs on load):
+  - a run directory of our trainer (``RUN/checkpoints/latest`` names the newest tag);
+  - one checkpoint tag folder (``mp_rank_00_model_states.pt``, whose ``module`` is the HCSC state
+    dict, or else ``hcsc_official.pth.tar``);
+  - an official HCSC ``.pth`` (``{"state_dict": {"module.encoder_q.*", ...}}``), with or without
+    the ``state_dict`` wrapper or the ``module.`` prefix (also what ``hcsc-eval import-official``
+    writes);
+  - a trunk exported by ``hcsc-eval export --format torchvision`` (plain ResNet keys, no ``fc``).
+Every layout is normalised to HCSC module keys (``encoder_q.*``, optionally ``encoder_k.*`` and
+the queue buffers); a plain trunk becomes ``encoder_q.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.encoders import create_encoder
+
+log = logging.getLogger(__name__)
+
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+OFFICIAL_FILE = "hcsc_official.pth.tar"
+POINTER = "latest"
+_SHOW = 5  # keys named in a mismatch message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file and the fix."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint normalised to HCSC module keys.
+
+    Attributes:
+        state: ``encoder_q.*`` (always), ``encoder_k.*`` / ``queue*`` when the file has them.
+        path: the file actually read.
+        kind: "deepspeed", "official" or "torchvision" (what the file looked like).
+        epoch: the epoch recorded in the file, if any.
+        config_yaml: the resolved training config stored with our checkpoints, if any.
+    """
+
+    state: dict[str, torch.Tensor]
+    path: Path
+    kind: str
+    epoch: int | None = None
+    config_yaml: str | None = None
+
+    def encoder_state(self, which: str = "q") -> dict[str, torch.Tensor]:
+        """The torchvision keys of ``encoder_q`` (or ``encoder_k``), head included when present."""
+        prefix = f"encoder_{which}."
+        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+
+    def encoder_name(self) -> str | None:
+        """``model.encoder`` of the stored training config (our checkpoints only)."""
+        if not self.config_yaml:
+            return None
+        from omegaconf import OmegaConf
+
+        return OmegaConf.create(self.config_yaml).get("model", {}).get("encoder")
+
+
+def torch_load(path: str | os.PathLike) -> object:
+    """`torch.load` with ``weights_only=True`` and one-line errors for people."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refusing to unpickle code (weights_only=True: {first}); re-save "
+                              "it as plain tensors, e.g. torch.save({'state_dict': sd}, path)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The file to read for `path`: a run dir -> its latest tag -> the tag's model file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if path.is_file():
+        return path
+    if (path / "checkpoints").is_dir():  # a run directory
+        pointer = path / "checkpoints" / POINTER
+        if not pointer.is_file():
+            raise CheckpointError(f"{path}: run directory without {pointer.relative_to(path)}; "
+                                  "it has no complete checkpoint yet")
+        path = path / "checkpoints" / pointer.read_text().strip()
+        if not path.is_dir():
+            raise CheckpointError(f"{pointer}: names {path.name!r}, which does not exist")
+    for name in (DS_MODEL_FILE, OFFICIAL_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: folder holds neither {DS_MODEL_FILE} nor {OFFICIAL_FILE}; pass a run "
+                          "directory, a checkpoint tag folder or a .pth file")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read any accepted checkpoint (see the module docstring) into HCSC module keys."""
+    file = resolve(path)
+    obj = torch_load(file)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{file}: holds a {type(obj).__name__}, expected a dict of tensors")
+    epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+    config_yaml = obj.get("config_yaml") if isinstance(obj.get("config_yaml"), str) else None
+    if config_yaml is None and file.name == DS_MODEL_FILE:
+        config_yaml = _run_config(file)
+    if isinstance(obj.get("module"), Mapping):  # DeepSpeed model states: HCSC module keys
+        state, kind = dict(obj["module"]), "deepspeed"
+    elif isinstance(obj.get("state_dict"), Mapping):  # spec 8 recipe step 1
+        state, kind = dict(obj["state_dict"]), "official"
+    else:
+        state, kind = dict(obj), "official"
+    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not any(k.startswith("encoder_q.") for k in tensors):
+        if "conv1.weight" not in tensors:
+            raise CheckpointError(f"{file}: no encoder_q.* (official HCSC) and no conv1.weight (torchvision "
+                                  f"trunk) keys; first keys: {sorted(tensors)[:_SHOW]}")
+        tensors, kind = {"encoder_q." + k: v for k, v in tensors.items()}, "torchvision"
+    return Checkpoint(tensors, file, kind, epoch, config_yaml)
+
+
+def _run_config(model_file: Path) -> str | None:
+    config = model_file.parent.parent.parent / "config.yaml"  # RUN/checkpoints/<tag>/file
+    return config.read_text() if config.is_file() else None
+
+
+def load_backbone(path: str | os.PathLike, encoder: str | None = None) -> tuple[nn.Module, int]:
+    """The frozen query-encoder trunk of a checkpoint, head dropped (spec 7.1, spec 8 recipe).
+
+    Args:
+        path: run dir, checkpoint tag folder, official ``.pth`` or exported torchvision file.
+        encoder: registry name; None takes ``model.encoder`` from our checkpoint's config, else
+            "resnet50".
+
+    Returns:
+        ``(trunk, feat_dim)``: ``trunk(x)`` gives pooled features (B, feat_dim); eval mode, no grads.
+
+    Raises:
+        CheckpointError: unreadable file, or keys/shapes that do not fit `encoder` (named).
+    """
+    ckpt = read_checkpoint(path)
+    encoder = encoder or ckpt.encoder_name() or "resnet50"
+    trunk, feat_dim = create_encoder(encoder)
+    load_trunk_weights(trunk, feat_dim, ckpt.encoder_state("q"), where=f"{ckpt.path} (encoder {encoder!r})")
+    trunk.fc = nn.Identity()
+    trunk.eval().requires_grad_(False)
+    log.info("loaded %s trunk from %s (%s checkpoint%s)", encoder, ckpt.path, ckpt.kind,
+             f", epoch {ckpt.epoch}" if ckpt.epoch is not None else "")
+    return trunk, feat_dim
+
+
+def load_trunk_weights(trunk: nn.Module, feat_dim: int, state: Mapping[str, torch.Tensor], *, where: str) -> None:
+    """Load trunk keys (``fc.*`` dropped) into `trunk`; only ``fc.weight``/``fc.bias`` may be missing.
+
+    The trunk gets a real ``fc`` first, so the spec 8 check "missing == {fc.weight, fc.bias}" is
+    a real check rather than a tautology of ``fc = Identity``.
+    """
+    trunk.fc = nn.Linear(feat_dim, 1)
+    keep = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    ours = trunk.state_dict()
+    bad_shapes = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in keep.items()
+                  if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    missing = sorted(set(ours) - set(keep) - {"fc.weight", "fc.bias"})
+    unexpected = sorted(set(keep) - set(ours))
+    if missing or unexpected or bad_shapes:
+        raise CheckpointError(
+            f"{where}: weights do not fit: {len(missing)} missing {missing[:_SHOW]}, {len(unexpected)} "
+            f"unexpected {unexpected[:_SHOW]}, {len(bad_shapes)} of another shape {bad_shapes[:_SHOW]}; "
+            "pass the --encoder the checkpoint was trained with")
+    result = trunk.load_state_dict(keep, strict=False)
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"}, result  # spec 8 recipe step 5

@@ -1,0 +1,102 @@
+"""The evaluation commands behind `hcsc-eval` (kNN, linear, cluster), callable from Python too.
+
+Each runs on every rank under torchrun (features sharded, results identical everywhere) and in a
+single process without a launcher; each returns a JSON-able dict of results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from evaluate.checkpoints import load_backbone
+from evaluate.clustering import evaluate_clustering
+from evaluate.features import agree_dim, data_config, extract, fix_empty, gather_by_idx
+from evaluate.knn import knn_predict_many, topk_accuracy
+from evaluate.linear import LinearConfig, accuracy_counts, make_classifier, train_linear
+from pipeline import build_loader
+from shards.format import split_info, write_json_atomic
+from train import dist
+from train.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def _trunk(checkpoint: str, encoder: str | None) -> tuple[torch.nn.Module, int]:
+    trunk, feat_dim = load_backbone(checkpoint, encoder)
+    return trunk.to(dist.device()), feat_dim
+
+
+def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split: str = "train",
+            val_split: str = "val", ks: list[int], temperature: float = 0.07, encoder: str | None = None,
+            seed: int = 0, **loader: object) -> dict:
+    """Weighted kNN (spec 7.1): top-1/top-5 of `val_split` against the `train_split` bank, per k.
+
+    The bank stays split over ranks; the queries are gathered on every rank.
+    """
+    trunk, _ = _trunk(checkpoint, encoder)
+    bank = extract(trunk, data_config(train_shards, **loader), train_split, seed=seed)
+    val = extract(trunk, data_config(val_shards, **loader), val_split, seed=seed)
+    num_classes = len(split_info(train_shards, train_split)["class_names"])
+    d = agree_dim(val.feats)
+    queries = gather_by_idx(val.idx, fix_empty(val.feats, d), val.num_samples)
+    labels = gather_by_idx(val.idx, val.cls, val.num_samples)
+    scores = knn_predict_many(fix_empty(bank.feats, d), bank.cls, queries, num_classes=num_classes,
+                              ks=ks, temperature=temperature)
+    result = {"command": "knn", "checkpoint": str(checkpoint), "temperature": temperature,
+              "bank": bank.num_samples, "queries": val.num_samples, "num_classes": num_classes,
+              "knn": {str(k): topk_accuracy(s, labels) for k, s in scores.items()}}
+    for k, acc in result["knn"].items():
+        log.info("%s-NN (T=%g): top-1 %.2f top-5 %.2f", k, temperature, acc["top1"], acc["top5"])
+    return result
+
+
+def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_clusters: list[int],
+                niter: int = 20, nredo: int = 5, encoder: str | None = None, seed: int = 0,
+                **loader: object) -> dict:
+    """Hierarchical k-means of the split's normalised trunk features, scored per level."""
+    trunk, _ = _trunk(checkpoint, encoder)
+    feats = extract(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
+    cfg = ClusterConfig(niter=niter, nredo=nredo)
+    rows = evaluate_clustering(feats, num_clusters, cfg)
+    return {"command": "cluster", "checkpoint": str(checkpoint), "split": split,
+            "num_samples": feats.num_samples, "num_classes": len(feats.class_names), "levels": rows}
+
+
+def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str, train_split: str = "train",
+               val_split: str = "val", protocol: LinearConfig, global_batch: int = 256,
+               encoder: str | None = None, seed: int = 0, **loader: object) -> dict:
+    """Linear probe (spec 7.1) with the train augmentation of `build_loader(mode="linear")`."""
+    world = dist.world()
+    if global_batch % world:
+        raise ValueError(f"--batch-size {global_batch} (global) is not divisible by {world} ranks")
+    trunk, feat_dim = _trunk(checkpoint, encoder)
+    num_classes = len(split_info(train_shards, train_split)["class_names"])
+    eval_cfg = data_config(val_shards, **loader)
+    val = extract(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
+    val_feats = fix_empty(val.feats, feat_dim)
+    train_cfg = data_config(train_shards, **{**loader, "batch_size": global_batch // world})
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        data = build_loader(train_cfg, split=train_split, mode="linear", rank=dist.rank(), world=world,
+                            epoch=epoch, seed=seed, device=dist.device())
+        try:
+            for batch in data:
+                with torch.no_grad():
+                    feats = trunk(batch.views[0]).float()
+                yield feats, batch.cls.to(feats.device, torch.int64)
+        finally:
+            data.close()
+
+    classifier = make_classifier(feat_dim, num_classes).to(dist.device())
+    result = train_linear(classifier, batches, lambda fc: accuracy_counts(fc, val_feats, val.cls),
+                          protocol, out_dir=out)
+    summary = {"command": "linear", "checkpoint": str(checkpoint), "best_top1": result.best_top1,
+               "best_epoch": result.best_epoch, "last_top1": result.last_top1, "last_top5": result.last_top5,
+               "epochs": protocol.epochs, "global_batch": global_batch}
+    if dist.is_main():
+        write_json_atomic(Path(out) / "linear_result.json", {**summary, "history": result.history})
+    return summary

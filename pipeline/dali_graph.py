@@ -1,0 +1,169 @@
+"""DALI pipeline definitions: the webdataset reader, train views (spec 5.3) and eval preprocessing.
+
+Every random draw comes from DALI's own seeded generators (pipeline seed derived from (seed,
+epoch, rank)), so a pipeline rebuilt with the same arguments and run to batch k reproduces batch k
+bit for bit; the loader's resume and corrupt-sample recovery rely on that. A per-sample ``keep``
+flag (external source, one batch per iteration) routes known-corrupt samples around the decoder
+through DALI conditionals; they come out as blank images and are dropped by the loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import do_not_convert
+from nvidia.dali import math as dmath
+
+from pipeline import augment as aug
+from pipeline.plan import EpochPlan
+
+READER = "reader"
+SHUFFLE_BUFFER = 1024  # DALI's default initial_fill; our shards are globally pre-shuffled already
+_MEAN = [255 * m for m in aug.MEAN]
+_STD = [255 * s for s in aug.STD]
+KeepSource = Callable[[int], np.ndarray]  # batch number -> bool [batch_size]
+
+
+def reader(plan: EpochPlan, reader_seed: int):
+    """jpg|png bytes, cls digits, idx digits of this rank's contiguous share, in `plan` order."""
+    return fn.readers.webdataset(
+        paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.index) for s in plan.shards],
+        ext=["jpg;png", "cls", "idx"], missing_component_behavior="error",
+        shard_id=plan.rank, num_shards=plan.world,
+        random_shuffle=plan.train, initial_fill=max(1, min(SHUFFLE_BUFFER, plan.rank_samples)),
+        seed=reader_seed, pad_last_batch=not plan.train, name=READER)
+
+
+def _keep_input(keep: KeepSource):
+    @do_not_convert
+    def source(info):  # batch mode with batch_info: one call per iteration, in order
+        return list(keep(info.iteration))
+    return fn.external_source(source=source, batch=True, batch_info=True, dtype=types.BOOL)
+
+
+def _blank(device: str):
+    img = fn.reshape(fn.zeros(shape=[8, 8, 3], dtype=types.UINT8), layout="HWC")
+    return img.gpu() if device == "gpu" else img
+
+
+def _crop_view(jpg, decoded, keep, spec: aug.ViewSpec, device: str):
+    """RandomResizedCrop: from the decoded image, or (decoded None) by decoding only the crop
+    region (ROI decode; cheaper on CPU for small crops)."""
+    if decoded is None:
+        if keep:
+            img = fn.decoders.image_random_crop(
+                jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                random_area=list(spec.scale), random_aspect_ratio=list(aug.ASPECT), num_attempts=10)
+        else:
+            img = _blank(device)
+        return fn.resize(img, size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.random_resized_crop(decoded, size=[spec.size, spec.size], random_area=list(spec.scale),
+                                  random_aspect_ratio=list(aug.ASPECT), num_attempts=10,
+                                  interp_type=types.INTERP_LINEAR, antialias=True)
+
+
+def _uniform(lo: float, hi: float):
+    return fn.random.uniform(range=[lo, hi])
+
+
+def _coin(p: float):
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _color(img, brightness, contrast, saturation, hue):
+    """ColorJitter + grayscale as two cheap ops: brightness/contrast into float (contrast pivots
+    on the image's mean luma, as torchvision's does), then hue/saturation as one 3x3 map on float,
+    then one saturating cast back to uint8 (the clamp torchvision's uint8 PIL ops imply).
+    DALI's one-op `color_twist` on uint8 gives the same result (contrast pivot aside) at 2.5x the
+    cost, and on float it pivots contrast at 0.5, hence the split."""
+    mean = fn.reductions.mean(img, axes=[0, 1])
+    luma = aug.LUMA[0] * mean[0] + aug.LUMA[1] * mean[1] + aug.LUMA[2] * mean[2]
+    out = fn.brightness_contrast(img, brightness=brightness, contrast=contrast, contrast_center=luma,
+                                 dtype=types.FLOAT)
+    out = fn.color_twist(out, saturation=saturation, hue=hue)
+    return fn.cast(out, dtype=types.UINT8)
+
+
+def _color_blur_flip(img, blur: bool):
+    """Spec 5.3 steps 2-6 on one view (uint8 HWC in, float CHW normalised out).
+
+    Cost (2-core CPU, bench/pipeline.py --profile): each op runs only on the samples that draw it
+    (DALI conditionals), and the blur runs last, on the normalised float CHW view, where DALI's
+    CPU kernel is about 40% cheaper than on uint8 HWC. Blur, flip and the per-pixel colour maps
+    commute (the kernel sums to 1), so the order changes only rounding and clamping.
+    Deviations from torchvision, documented: jitter factors are applied in a fixed order (contrast,
+    brightness, then hue and saturation as one linear map in DALI's approximation) rather than a
+    random permutation, clamped once at the end rather than after each op; grayscale is
+    saturation 0 in the same map (luma weights as PIL's "L"); blur radius is
+    `aug.BLUR_RADIUS_SIGMAS`.
+    """
+    b, c, s, h = aug.JITTER
+    jitter, gray = _coin(aug.P_JITTER), _coin(aug.P_GRAY)
+    on = fn.cast(jitter, dtype=types.FLOAT)
+    brightness = 1.0 + on * _uniform(-b, b)
+    contrast = 1.0 + on * _uniform(-c, c)
+    saturation = (1.0 + on * _uniform(-s, s)) * (1.0 - fn.cast(gray, dtype=types.FLOAT))
+    hue = on * _uniform(-360 * h, 360 * h)
+    if jitter | gray:
+        img = _color(img, brightness, contrast, saturation, hue)
+    out = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD,
+                                   mirror=fn.random.coin_flip(probability=aug.P_FLIP))
+    if blur:
+        sigma = _uniform(*aug.SIGMA)
+        window = fn.cast(2.0 * dmath.ceil(aug.BLUR_RADIUS_SIGMAS * sigma) + 1.0, dtype=types.INT32)
+        if _coin(aug.P_BLUR):
+            out = fn.gaussian_blur(out, sigma=sigma, window_size=window)
+    return out
+
+
+@pipeline_def(enable_conditionals=True)
+def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep: KeepSource,
+                   device: str, reader_seed: int, roi_decode: bool):
+    """Outputs: one float CHW view per spec, cls digits, idx digits, keep."""
+    jpg, cls, idx = reader(plan, reader_seed)
+    flags = _keep_input(keep)
+    decoded = None
+    if not roi_decode:  # decode once, crop every view from it
+        if flags:
+            decoded = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu",
+                                        output_type=types.RGB)
+        else:
+            decoded = _blank(device)
+    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur) for spec in specs]
+    return (*views, cls, idx, flags)
+
+
+def _resize_shorter(img, shape, resize: int):
+    """Shorter side to `resize`, longer side truncated as torchvision's Resize(int) does
+    (DALI's own `resize_shorter` rounds it, which shifts the center crop by a pixel)."""
+    h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+    scale = resize / dmath.min(h, w)
+    # + 1e-3: h * (resize / h) must not floor to resize - 1 through rounding
+    return fn.resize(img, resize_y=dmath.floor(h * scale + 1e-3), resize_x=dmath.floor(w * scale + 1e-3),
+                     interp_type=types.INTERP_LINEAR, antialias=True)
+
+
+@pipeline_def(enable_conditionals=True)
+def eval_pipeline(plan: EpochPlan, image_size: int, resize: int, keep: KeepSource, device: str,
+                  reader_seed: int):
+    """Resize the shorter side to `resize` (bilinear, antialiased like PIL), center crop
+    `image_size`, normalise: spec 2.2. Outputs: view, cls digits, idx digits, keep."""
+    jpg, cls, idx = reader(plan, reader_seed)
+    flags = _keep_input(keep)
+    if flags:
+        img = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        img = _resize_shorter(img, fn.peek_image_shape(jpg), resize)
+    else:
+        img = fn.resize(_blank(device), size=[resize, resize])
+    view = fn.crop_mirror_normalize(img, crop=[image_size, image_size], dtype=types.FLOAT,
+                                    output_layout="CHW", mean=_MEAN, std=_STD)
+    return view, cls, idx, flags
+
+
+@pipeline_def
+def raw_pipeline(plan: EpochPlan, reader_seed: int):
+    """The reader alone (same arguments, same order): to find a corrupt sample's bytes and file."""
+    jpg, _, idx = reader(plan, reader_seed)
+    return jpg, idx, fn.get_property(jpg, key="source_info")

@@ -1,0 +1,139 @@
+"""`build_loader`: the one entry point the trainer and the clustering step call.
+
+A loader is built per (split, mode, epoch) and yields `Batch` objects for batches
+``start_batch .. len(loader) - 1`` of that epoch. Its length comes from ``_info.json`` only.
+Resume is a deterministic replay: both backends draw every random number from generators
+seeded by (seed, epoch, rank[, batch]), so starting at batch k yields exactly the batches k..
+of an uninterrupted run, pixels included (DALI replays the first k batches through the graph,
+since its per-sample generators advance with every batch; the torch backend seeds each batch on
+its own and skips the first k batches before decoding).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipeline.batch import Batch
+from pipeline.plan import EpochPlan, epoch_plan, load_shards
+from shards.format import digits_to_int
+from train.config import DataConfig
+
+log = logging.getLogger(__name__)
+Mode = Literal["train", "eval"]
+_warned_fallback = False
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample that could not be decoded: its tar, key and the decoder's complaint."""
+
+    shard: str
+    key: str
+    reason: str
+
+
+class Loader:
+    """Iterable of `Batch`; ``len()`` is batches per epoch per rank (equal on every rank).
+
+    Attributes:
+        skipped: number of corrupt samples skipped so far (each also logged with shard and key).
+        skipped_samples: the `SkippedSample` records behind `skipped`.
+    """
+
+    def __init__(self, plan: EpochPlan, start_batch: int, device: torch.device) -> None:
+        if not 0 <= start_batch <= plan.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside 0..{plan.num_batches}")
+        self.plan = plan
+        self.start_batch = start_batch
+        self.device = device
+        self.skipped_samples: list[SkippedSample] = []
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_samples)
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release threads and buffers (DALI pipelines, DataLoader workers)."""
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _record_skip(self, shard: str, key: str, reason: str) -> None:
+        log.warning("corrupt image skipped: shard %s key %s (%s)", shard, key, reason)
+        self.skipped_samples.append(SkippedSample(shard, key, reason))
+
+    def _batch(self, views: list[torch.Tensor], cls_digits: torch.Tensor, idx_digits: torch.Tensor,
+               rows: torch.Tensor) -> Batch:
+        """Keep `rows` (bool [B]: real, decodable samples) and move everything to the device."""
+        keep = rows.nonzero().squeeze(1)
+        nb = self.device.type == "cuda"
+        return Batch([v.index_select(0, keep.to(v.device)).to(self.device, non_blocking=nb) for v in views],
+                     digits_to_int(idx_digits.index_select(0, keep)).to(self.device, non_blocking=nb),
+                     digits_to_int(cls_digits.index_select(0, keep)).to(self.device, non_blocking=nb))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _dali_available() -> bool:
+    global _warned_fallback
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        if not _warned_fallback:
+            log.warning("NVIDIA DALI is not installed: using the torch/webdataset reference loader "
+                        "(slower; install nvidia-dali-cuda120 for the DALI pipeline)")
+            _warned_fallback = True
+        return False
+    return True
+
+
+def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: int, epoch: int,
+                 seed: int, start_batch: int = 0, device: torch.device | None = None) -> Loader:
+    """A loader over `split` of the shard folder `cfg.shards` for one epoch on one rank.
+
+    Args:
+        cfg: data section of the config (backend, sizes, scales, batch sizes, workers).
+        split: split name in ``_info.json``.
+        mode: "train" (2 or 6 augmented views, shuffled, drop last) or "eval" (one resized,
+            center-cropped view, stored order, every sample exactly once across ranks).
+        rank, world: this rank and the number of ranks.
+        epoch, seed: together seed the shard order, the shuffle and every augmentation.
+        start_batch: first batch to yield (resume); batches before it are replayed, not yielded.
+        device: where views, idx and cls land; default cuda:LOCAL_RANK when CUDA is available.
+
+    Raises:
+        ShardFormatError: a missing, truncated or inconsistent shard or manifest (one line).
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    shards, total = load_shards(cfg.shards, split)
+    train = mode == "train"
+    plan = epoch_plan(shards, total, train=train, rank=rank, world=world, epoch=epoch, seed=seed,
+                      batch_size=cfg.batch_size if train else cfg.eval_batch_size)
+    device = device or default_device()
+    if cfg.backend == "dali" and _dali_available():
+        from pipeline.dali_loader import DaliLoader
+
+        return DaliLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
+    from pipeline.reference import TorchLoader
+
+    return TorchLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device)

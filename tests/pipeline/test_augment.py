@@ -1,0 +1,81 @@
+"""Crop geometry of both backends, and the DALI-missing fallback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+
+from pipeline import build_loader, dali_graph
+from pipeline import loader as loader_module
+from pipeline.augment import ViewSpec, blur_window
+from pipeline.plan import epoch_plan, load_shards
+from pipeline.reference import TorchLoader, view_transform
+from tests.pipeline.test_train import config
+
+SCALE = (0.3, 0.6)
+SPEC = ViewSpec(64, SCALE)
+SAMPLES = 64
+
+
+def crop_areas(views: np.ndarray) -> np.ndarray:
+    """Area fraction of each crop from its coordinate-coded pixels (uint8 [N, 64, 64, 3])."""
+    v = views.astype(np.float64)
+    # edge pixels average half a source pixel inwards; one output px spans (x1 - x0) / 63 source px
+    width = (v[:, :, -1, 0].mean(1) - v[:, :, 0, 0].mean(1)) * 64 / 63
+    height = (v[:, -1, :, 1].mean(1) - v[:, 0, :, 1].mean(1)) * 64 / 63
+    return width * height / 256**2
+
+
+@pipeline_def(enable_conditionals=True)
+def _crops(plan, roi: bool):
+    jpg, _, _ = dali_graph.reader(plan, 0)
+    keep = fn.random.coin_flip(probability=1.0, dtype=types.BOOL)
+    decoded = None if roi else fn.decoders.image(jpg, output_type=types.RGB)
+    return dali_graph._crop_view(jpg, decoded, keep, SPEC, "cpu")
+
+
+def check_areas(areas: np.ndarray) -> None:
+    lo, hi = SCALE
+    assert areas.min() > lo - 0.03 and areas.max() < hi + 0.03, (areas.min(), areas.max())
+    # area ~ U[lo, hi] (the crop always fits a square at these scales): mean and spread
+    assert abs(areas.mean() - (lo + hi) / 2) < 0.04 and areas.std() > 0.06
+
+
+@pytest.mark.parametrize("roi", [True, False])
+def test_dali_crop_area_within_scale(coordinate_shards, roi):
+    shards, n = load_shards(coordinate_shards, "train")
+    plan = epoch_plan(shards, n, train=True, rank=0, world=1, epoch=0, seed=0, batch_size=8)
+    pipe = _crops(plan, roi, batch_size=8, num_threads=1, device_id=None, seed=11)
+    pipe.build()
+    views = np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in range(SAMPLES // 8)])
+    check_areas(crop_areas(views))
+
+
+def test_torch_crop_area_within_scale():
+    crop = view_transform(SPEC).transforms[0]
+    ramp = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)),
+                                      np.zeros((256, 256), np.uint8)], axis=-1))
+    torch.manual_seed(0)
+    check_areas(crop_areas(np.stack([np.asarray(crop(image)) for _ in range(SAMPLES)])))
+
+
+def test_blur_window_is_odd_and_covers_two_sigma():
+    assert [blur_window(s) for s in (0.1, 0.5, 1.0, 2.0)] == [3, 3, 5, 9]
+
+
+def test_falls_back_to_torch_without_dali(fmnist_shards, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` raises ImportError
+    monkeypatch.setattr(loader_module, "_warned_fallback", False)
+    cfg = config(fmnist_shards, "dali")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            loader = build_loader(cfg, split="train", mode="eval", rank=0, world=1, epoch=0, seed=0)
+            assert isinstance(loader, TorchLoader)
+    assert sum("DALI is not installed" in r.message for r in caplog.records) == 1  # said once

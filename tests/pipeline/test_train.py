@@ -1,0 +1,92 @@
+"""Train mode on real Fashion-MNIST shards: batch structure, ranges, determinism, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import build_loader
+from pipeline.augment import MEAN, STD, view_specs
+from tests.pipeline.conftest import FMNIST_TRAIN, fmnist_labels
+from train.config import DataConfig
+
+BACKENDS = ["dali", "torch"]
+
+
+def config(folder, backend: str, **kw) -> DataConfig:
+    base = dict(shards=str(folder), backend=backend, image_size=32, eval_resize=36, batch_size=16,
+                eval_batch_size=16, workers=2, local_crop_sizes=[24, 16, 12, 8])
+    return DataConfig(**{**base, **kw})
+
+
+def collect(cfg: DataConfig, **kw) -> list:
+    args = dict(split="train", mode="train", rank=0, world=1, epoch=0, seed=0)
+    with build_loader(cfg, **{**args, **kw}) as loader:
+        return list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("multi_crop", [False, True])
+def test_batch_structure_and_ranges(fmnist_shards, fashion_mnist_dir, backend, multi_crop):
+    cfg = config(fmnist_shards, backend, multi_crop=multi_crop)
+    with build_loader(cfg, split="train", mode="train", rank=0, world=1, epoch=0, seed=0) as loader:
+        assert len(loader) == FMNIST_TRAIN // 16  # drop last: 203 // 16
+        batches = list(loader)
+    assert len(batches) == len(loader)
+    sizes = [32, 32, 24, 16, 12, 8] if multi_crop else [32, 32]
+    labels = fmnist_labels(fashion_mnist_dir)
+    lo = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)]).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD, strict=True)]).view(1, 3, 1, 1)
+    for b in batches:
+        assert [tuple(v.shape) for v in b.views] == [(16, 3, s, s) for s in sizes]
+        assert b.idx.dtype == b.cls.dtype == torch.int64 and b.idx.shape == (16,)
+        assert torch.equal(b.cls, labels[b.idx])  # labels travel with their images
+        for v in b.views:
+            assert v.dtype == torch.float32
+            assert (v >= lo - 1e-3).all() and (v <= hi + 1e-3).all()  # normalised uint8 range
+    # the two global views of one image are different augmentations
+    assert not torch.equal(batches[0].views[0], batches[0].views[1])
+    idx = torch.cat([b.idx for b in batches])
+    assert len(set(idx.tolist())) == len(idx)  # one pass: no sample twice in an epoch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_disjoint_with_equal_counts(fmnist_shards, backend):
+    cfg = config(fmnist_shards, backend)
+    per_rank = [collect(cfg, rank=r, world=3, epoch=2) for r in range(3)]
+    assert {len(b) for b in per_rank} == {FMNIST_TRAIN // (3 * 16)}  # identical batch counts
+    sets = [set(torch.cat([b.idx for b in batches]).tolist()) for batches in per_rank]
+    assert sum(len(s) for s in sets) == len(set().union(*sets))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_determinism_and_epoch_change(fmnist_shards, backend):
+    cfg = config(fmnist_shards, backend)
+    a, b = collect(cfg, epoch=1, seed=7), collect(cfg, epoch=1, seed=7)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.idx, y.idx)
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views, strict=True))
+    c = collect(cfg, epoch=2, seed=7)
+    assert not torch.equal(torch.cat([x.idx for x in a]), torch.cat([x.idx for x in c]))
+    assert not torch.equal(a[0].views[0], c[0].views[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_equals_uninterrupted(fmnist_shards, backend):
+    cfg = config(fmnist_shards, backend, multi_crop=True)
+    full = collect(cfg, epoch=3, seed=1)
+    resumed = collect(cfg, epoch=3, seed=1, start_batch=4)
+    assert len(resumed) == len(full) - 4
+    for x, y in zip(full[4:], resumed, strict=True):
+        assert torch.equal(x.idx, y.idx)
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views, strict=True))
+
+
+def test_multi_crop_scales_follow_spec():
+    cfg = DataConfig(multi_crop=True)  # spec 5.3 numbers at 224
+    specs = view_specs(cfg)
+    assert [s.size for s in specs] == [224, 224, 192, 160, 128, 96]
+    mins = [round(s.scale[0], 3) for s in specs]
+    maxs = [round(s.scale[1], 3) for s in specs]
+    assert mins == [0.2, 0.2, 0.171, 0.143, 0.114, 0.086]
+    assert maxs == [1.0, 1.0, 0.857, 0.714, 0.571, 0.429]
