@@ -90,40 +90,53 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
     _check_finite(features)
     all_idx = _check_coverage(idx, num_samples)
     inits = _warm_inits(previous, num_clusters, d, cfg)
+    level1, y1 = _cluster_images(idx, features, all_idx, num_samples, num_clusters[0], cfg, inits[0])
+    small = _from_rank0(level1, num_clusters, cfg, temperature, inits, device)
+    im2cluster = [y1]
+    for parent in small["cluster2cluster"]:  # spec 2.3: y^{l+1} = pi_l[y^l]
+        im2cluster.append(parent[im2cluster[-1]])
+    _log_stats(small["stats"])
+    return HierarchyResult(im2cluster, small["centroids"], small["density"], small["cluster2cluster"],
+                           small["logits"], small["raw_centroids"], small["stats"])
 
+
+def _cluster_images(idx: torch.Tensor, features: torch.Tensor, all_idx: torch.Tensor, num_samples: int,
+                    k: int, cfg: ClusterConfig, init: np.ndarray | None) -> tuple[tuple, torch.Tensor]:
+    """Level 1, sharded: k-means, final assignment, reduced concentration sums, gathered y^1."""
     start = time.perf_counter()
-    km = kmeans(features, idx, num_samples=num_samples, k=num_clusters[0], seed=0,
-                distributed=True, **_run_args(cfg, inits[0]))
+    km = kmeans(features, idx, num_samples=num_samples, k=k, seed=0, distributed=True,
+                **_run_args(cfg, init))
     labels, sq_dist = assign(features, km.centroids)
-    counts, sums = cluster_sums(labels, sq_dist, num_clusters[0])
+    counts, sums = cluster_sums(labels, sq_dist, k)
     reduced = dist.all_reduce_sum(torch.cat([counts, sums, sq_dist.double().sum().view(1)]))
-    y1 = torch.empty(num_samples, dtype=torch.int64, device=device)
+    # gathered by dataset index, never summed (spec 2.2's duplicate repair is not needed)
+    y1 = torch.empty(num_samples, dtype=torch.int64, device=features.device)
     y1[all_idx] = dist.all_gather_cat(labels)
-    level1 = (km, reduced.cpu(), time.perf_counter() - start, inits[0] is not None)
+    return (km, reduced.cpu(), time.perf_counter() - start, init is not None), y1
 
+
+def _from_rank0(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
+                inits: list[np.ndarray | None], device: torch.device) -> dict[str, Any]:
+    """Rank 0 computes everything small and broadcasts it (spec 2.5); errors reach every rank."""
     outcome = _run_upper(level1, num_clusters, cfg, temperature, inits, device) if dist.is_main() else None
     logits = outcome[1].pop("logits") if outcome is not None and outcome[0] == "ok" else None
     outcome = dist.broadcast_object(outcome)
     if outcome[0] == "error":  # raised on rank 0; raise everywhere instead of leaving ranks waiting
         raise ValueError(outcome[1])
     small: dict[str, Any] = outcome[1]
+    for key in ("centroids", "density", "cluster2cluster", "raw_centroids"):
+        small[key] = [t.to(device) for t in small[key]]
     small["logits"] = _broadcast_logits(logits, num_clusters, device)
-    im2cluster = [y1]
-    for parent in small["cluster2cluster"]:
-        im2cluster.append(parent.to(device)[im2cluster[-1]])
-    for stats in small["stats"]:
+    return small
+
+
+def _log_stats(all_stats: list[LevelStats]) -> None:
+    for stats in all_stats:
         log.info("clustering level %d: %d points -> %d clusters in %.2fs, objective %.6g (final %.6g), "
                  "%d empty, largest %d, smallest %d, %d splits, %d iterations%s", stats.level,
                  stats.points, stats.clusters, stats.seconds, stats.objective, stats.final_objective,
                  stats.empty, stats.largest, stats.smallest, stats.nsplit, stats.iterations,
                  ", warm start" if stats.warm else "")
-
-    def move(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.to(device) for t in ts]
-
-    return HierarchyResult(im2cluster, move(small["centroids"]), move(small["density"]),
-                           move(small["cluster2cluster"]), small["logits"],
-                           move(small["raw_centroids"]), small["stats"])
 
 
 def _broadcast_logits(logits: list[torch.Tensor] | None, num_clusters: list[int],

@@ -163,7 +163,8 @@ def load_backbone(path: str | os.PathLike, encoder: str | None = None) -> tuple[
     return trunk, feat_dim
 
 
-def load_trunk_weights(trunk: nn.Module, feat_dim: int, state: Mapping[str, torch.Tensor], *, where: str) -> None:
+def load_trunk_weights(trunk: nn.Module, feat_dim: int, state: Mapping[str, torch.Tensor], *,
+                       where: str) -> None:
     """Load trunk keys (``fc.*`` dropped) into `trunk`; only ``fc.weight``/``fc.bias`` may be missing.
 
     The trunk gets a real ``fc`` first, so the spec 8 check "missing == {fc.weight, fc.bias}" is

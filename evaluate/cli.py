@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knn", help=COMMANDS["knn"])
     _common(p)
     _pair(p)
-    p.add_argument("--k", type=int_list, default=[10, 20, 100, 200], help="neighbour counts, e.g. 10,20,100,200")
+    p.add_argument("--k", type=int_list, default=[10, 20, 100, 200], help="neighbour counts (spec 7.1)")
     p.add_argument("--T", type=float, default=0.07, help="vote temperature exp(s/T) (spec 7.1: 0.07)")
 
     p = sub.add_parser("linear", help=COMMANDS["linear"])
@@ -146,7 +146,8 @@ def _offline(args: argparse.Namespace) -> dict:
     if args.command == "import-official":
         return {"command": "import-official", "out": args.out, **interop.import_official(args.pth, args.out)}
     export = interop.export_torchvision if args.format == "torchvision" else interop.export_detectron2
-    return {"command": "export", "format": args.format, "out": args.out, "keys": export(args.checkpoint, args.out)}
+    keys = export(args.checkpoint, args.out)
+    return {"command": "export", "format": args.format, "out": args.out, "keys": keys}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     main_rank = dist.is_main()
     try:
-        if args.command in ("import-official", "export"):
-            result = _offline(args)
-        else:
-            result = _run(args)
+        result = _offline(args) if args.command in ("import-official", "export") else _run(args)
     except (CheckpointError, ShardFormatError, ValueError, FileNotFoundError) as err:
         logging.getLogger(__name__).debug("failure", exc_info=True)
         print(f"hcsc-eval {args.command}: error: {err}", file=sys.stderr)

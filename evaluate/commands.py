@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from evaluate.checkpoints import load_backbone
-from evaluate.clustering import evaluate_clustering
+from evaluate.clustering import check_levels, evaluate_clustering
 from evaluate.features import agree_dim, data_config, extract, fix_empty, gather_by_idx
 from evaluate.knn import knn_predict_many, topk_accuracy
 from evaluate.linear import LinearConfig, accuracy_counts, make_classifier, train_linear
@@ -58,6 +58,7 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
                 niter: int = 20, nredo: int = 5, encoder: str | None = None, seed: int = 0,
                 **loader: object) -> dict:
     """Hierarchical k-means of the split's normalised trunk features, scored per level."""
+    check_levels(num_clusters, split_info(shards, split)["num_samples"])  # before any feature work
     trunk, _ = _trunk(checkpoint, encoder)
     feats = extract(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
     cfg = ClusterConfig(niter=niter, nredo=nredo)
@@ -91,7 +92,10 @@ def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str,
         finally:
             data.close()
 
+    torch.manual_seed(seed)
     classifier = make_classifier(feat_dim, num_classes).to(dist.device())
+    for p in classifier.parameters():  # identical start on every rank, whatever each RNG did before
+        dist.broadcast_(p.data)
     result = train_linear(classifier, batches, lambda fc: accuracy_counts(fc, val_feats, val.cls),
                           protocol, out_dir=out)
     summary = {"command": "linear", "checkpoint": str(checkpoint), "best_top1": result.best_top1,

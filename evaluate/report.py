@@ -144,7 +144,8 @@ def build_report_data(*, checkpoint: str, shards: str, split: str, num_clusters:
         return None
     names = split_feats.class_names
     labels = labels_t.cpu().numpy() if len(names) > 1 else None
-    top = pick_nodes(result, feats, labels, names, top_clusters=top_clusters, children=children, images=images)
+    top = pick_nodes(result, feats, labels, names, top_clusters=top_clusters, children=children,
+                     images=images)
     wanted = {i for node in top for n in [node, *node.children] for i, _ in n.images}
     sizes = [torch.bincount(a, minlength=c.shape[0]).cpu().numpy()
              for a, c in zip(result.im2cluster, result.centroids, strict=True)]
@@ -160,7 +161,8 @@ def montage(node: Node, thumbs: dict[int, Image.Image], cell: int = THUMB, pad: 
     sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
     for r, row in enumerate(rows):
         for c, (idx, _) in enumerate(row.images):
-            img = thumbs[idx].resize((cell, cell), Image.NEAREST if thumbs[idx].width < cell else Image.BICUBIC)
+            small = thumbs[idx].width < cell  # keep tiny images (28 px) crisp when enlarged
+            img = thumbs[idx].resize((cell, cell), Image.NEAREST if small else Image.BICUBIC)
             sheet.paste(img, (pad + c * (cell + pad), pad + r * (cell + pad)))
     return sheet
 

@@ -52,7 +52,8 @@ figcaption { color:var(--muted); font-size:12px; margin-top:4px; }
 .legend { font-size:12px; color:var(--muted); margin-top:3px; }
 .legend span { margin-right:12px; white-space:nowrap; }
 .legend i { display:inline-block; width:9px; height:9px; border-radius:2px; margin-right:4px; }
-.child { display:flex; gap:16px; padding:12px 20px; border-bottom:1px solid var(--line); align-items:flex-start; }
+.child { display:flex; gap:16px; padding:12px 20px; border-bottom:1px solid var(--line);
+         align-items:flex-start; }
 .child:last-child { border-bottom:none; }
 .child .info { width:170px; flex:none; font-size:12px; color:var(--muted); }
 .child .info b { display:block; color:var(--ink); font-size:13px; margin-bottom:2px; }
@@ -60,8 +61,9 @@ figcaption { color:var(--muted); font-size:12px; margin-top:4px; }
 .grid figure { margin:0; width:84px; text-align:center; }
 .grid img { width:84px; height:84px; object-fit:cover; border-radius:6px; display:block;
             image-rendering:pixelated; border:2px solid transparent; background:#eee; }
-.grid img.off { border-color:#e15759; }
-.grid figcaption { font-size:10.5px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; margin:2px 0 0; }
+.grid img.off { border:2px dashed #c0392b; }
+.grid figcaption { font-size:10.5px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis;
+                   margin:2px 0 0; }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:20px; }
 """
 
@@ -76,7 +78,8 @@ def data_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def svg_histogram(values: np.ndarray, *, title: str, bins: int = 24, width: int = 360, height: int = 170) -> str:
+def svg_histogram(values: np.ndarray, *, title: str, bins: int = 24, width: int = 360,
+                  height: int = 170) -> str:
     """Histogram of cluster sizes as an inline SVG with axes labels."""
     values = np.asarray(values)
     counts, edges = np.histogram(values, bins=min(bins, max(1, int(values.max() - values.min()) + 1)))
@@ -88,15 +91,16 @@ def svg_histogram(values: np.ndarray, *, title: str, bins: int = 24, width: int 
     for i, c in enumerate(counts):
         h = plot_h * c / peak
         tip = f"{int(c)} clusters with {edges[i]:.0f}-{edges[i + 1]:.0f} images"
-        bars.append(f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bar_w - 2, 1):.1f}"'
-                    f' height="{h:.1f}" fill="#4e79a7" rx="1.5"><title>{esc(tip)}</title></rect>')
-    axis = (f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#9aa5b1"/>'
-            f'<text x="{left}" y="{height - 8}" font-size="11" fill="#66788a">{edges[0]:.0f}</text>'
-            f'<text x="{left + plot_w}" y="{height - 8}" font-size="11" fill="#66788a" text-anchor="end">'
-            f'{edges[-1]:.0f}</text><text x="{left + plot_w / 2}" y="{height - 8}" font-size="11" '
-            f'fill="#66788a" text-anchor="middle">images per cluster</text>'
-            f'<text x="{left - 6}" y="{top + 10}" font-size="11" fill="#66788a" text-anchor="end">{peak}</text>'
-            f'<text x="{left - 6}" y="{top + plot_h}" font-size="11" fill="#66788a" text-anchor="end">0</text>')
+        bars.append(f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + plot_h - h:.1f}" '
+                    f'width="{max(bar_w - 2, 1):.1f}" height="{h:.1f}" fill="#4e79a7" rx="1.5">'
+                    f'<title>{esc(tip)}</title></rect>')
+    text = 'font-size="11" fill="#66788a"'
+    axis = (f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
+            f'stroke="#9aa5b1"/><text x="{left}" y="{height - 8}" {text}>{edges[0]:.0f}</text>'
+            f'<text x="{left + plot_w}" y="{height - 8}" {text} text-anchor="end">{edges[-1]:.0f}</text>'
+            f'<text x="{left + plot_w / 2}" y="{height - 8}" {text} text-anchor="middle">images per cluster'
+            f'</text><text x="{left - 6}" y="{top + 10}" {text} text-anchor="end">{peak}</text>'
+            f'<text x="{left - 6}" y="{top + plot_h}" {text} text-anchor="end">0</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="{esc(title)}">{"".join(bars)}{axis}</svg>')
 
@@ -109,7 +113,8 @@ def svg_mix(classes: list[tuple[str, int]], colors: dict[str, str], width: int =
             shown: int = 5) -> str:
     """Stacked bar of a cluster's class composition, the `shown` largest classes plus "other"."""
     total = sum(n for _, n in classes) or 1
-    parts = classes[:shown] + ([("other", sum(n for _, n in classes[shown:]))] if len(classes) > shown else [])
+    rest = sum(n for _, n in classes[shown:])
+    parts = classes[:shown] + ([("other", rest)] if rest else [])
     x, rects = 0.0, []
     for name, n in parts:
         w = width * n / total
@@ -138,8 +143,8 @@ def _grid(node: Node, data: ReportData) -> str:
         label = "" if data.labels is None else data.class_names[int(data.labels[idx])]
         off = ' class="off"' if majority is not None and label != majority else ""
         tip = f"image {idx}" + (f" · {label}" if label else "") + f" · cosine {sim:.3f}"
-        cells.append(f'<figure><img{off} src="{data_uri(data.thumbs[idx])}" alt="{esc(tip)}" title="{esc(tip)}" '
-                     'loading="eager" onload="this.dataset.loaded=this.naturalWidth" '
+        cells.append(f'<figure><img{off} src="{data_uri(data.thumbs[idx])}" alt="{esc(tip)}" '
+                     f'title="{esc(tip)}" loading="eager" onload="this.dataset.loaded=this.naturalWidth" '
                      'onerror="this.dataset.failed=1">'
                      f'<figcaption>{esc(label) if label else f"#{idx}"}</figcaption></figure>')
     return f'<div class="grid">{"".join(cells)}</div>'
@@ -161,7 +166,8 @@ def _cluster(node: Node, data: ReportData, colors: dict[str, str]) -> str:
 def _scores(data: ReportData) -> str:
     if not data.scores:
         return '<p class="lead">The split has no labels: purity and agreement scores are not shown.</p>'
-    head = "".join(f"<th>{h}</th>" for h in ("Level", "Clusters", "Purity", "NMI", "AMI", "ARI", "Hungarian acc"))
+    names = ("Level", "Clusters", "Purity", "NMI", "AMI", "ARI", "Hungarian acc")
+    head = "".join(f"<th>{h}</th>" for h in names)
     body = "".join(f'<tr><td>{r["level"]}</td><td>{r["clusters"]}</td><td>{r["purity"]:.3f}</td>'
                    f'<td>{r["nmi"]:.3f}</td><td>{r["ami"]:.3f}</td><td>{r["ari"]:.3f}</td>'
                    f'<td>{r["acc"]:.3f}</td></tr>' for r in data.scores)
@@ -182,20 +188,22 @@ def render(data: ReportData) -> str:
               "document.body.dataset.images=im.length;"
               "document.body.dataset.loaded=im.filter(i=>i.complete&&i.naturalWidth>0).length;});</script>")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>HCSC cluster hierarchy · {esc(data.split)}</title><style>{CSS}</style></head>
 <body><header><h1>Learned cluster hierarchy</h1>
 <div class="meta">{esc(data.checkpoint)} · split <b>{esc(data.split)}</b> · {data.num_samples} images ·
 levels (fine → coarse) {levels}</div></header><main>
 <h2>How well clusters match the labels</h2>
-<p class="lead">Trunk features (L2-normalised) clustered with the training procedure's hierarchical k-means;
-each level clusters the centroids of the level below. Purity: share of images in their cluster's majority class.</p>
+<p class="lead">Trunk features (L2-normalised) clustered with the training procedure's hierarchical
+k-means; each level clusters the centroids of the level below. Purity: share of images in their
+cluster's majority class.</p>
 {_scores(data)}
 <h2>Cluster sizes</h2><div class="panel hists">{hists}</div>
 <h2>Top-level clusters and their child prototypes</h2>
-<p class="lead">The {len(data.top)} largest top-level clusters. Each row is one child prototype with the member
-images closest to its centroid (cosine similarity); a red outline marks an image whose class differs from the
-prototype's majority class. Hover an image for its index, class and similarity.</p>
+<p class="lead">The {len(data.top)} largest top-level clusters. Each row is one child prototype with
+the member images closest to its centroid (cosine similarity); a dashed red outline marks an image whose
+class differs from the prototype's majority class. Hover an image for its index, class and similarity.</p>
 {clusters}
 </main><footer>hcsc-eval report · generated {stamp}</footer>{script}</body></html>
 """

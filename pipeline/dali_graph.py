@@ -2,9 +2,11 @@
 
 Every random draw comes from DALI's own seeded generators (pipeline seed derived from (seed,
 epoch, rank)), so a pipeline rebuilt with the same arguments and run to batch k reproduces batch k
-bit for bit; the loader's resume and corrupt-sample recovery rely on that. A per-sample ``keep``
-flag (external source, one batch per iteration) routes known-corrupt samples around the decoder
-through DALI conditionals; they come out as blank images and are dropped by the loader.
+bit for bit; the loader's resume and corrupt-sample recovery rely on that. Once the loader knows
+of corrupt samples it rebuilds the graph with a per-sample ``keep`` flag (external source, one
+batch per iteration) that routes them around the decoder through DALI conditionals; they come
+out as blank images and are dropped by the loader. Graphs without known-corrupt samples carry no
+masking ops.
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ from collections.abc import Callable
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import do_not_convert
 
 from pipeline import augment as aug
 from pipeline.plan import EpochPlan
 
 READER = "reader"
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill; our shards are globally pre-shuffled already
+# RandomResizedCrop resamples with an antialiased bilinear filter, as PIL's (the reference) does.
+# Off, DALI samples bilinearly without widening the filter when it downscales: 0.4 ms less per
+# 224 px view on a CPU core (bench/pipeline.py --profile), at the price of aliasing in crops
+# shrunk by more than ~1.5x. Kept on: fidelity to the reference augmentation comes first.
+TRAIN_ANTIALIAS = True
 _MEAN = [255 * m for m in aug.MEAN]
 _STD = [255 * s for s in aug.STD]
 KeepSource = Callable[[int], np.ndarray]  # batch number -> bool [batch_size]
@@ -48,20 +55,38 @@ def _blank(device: str):
     return img.gpu() if device == "gpu" else img
 
 
+def _if_kept(flags, make, blank):
+    """`make()` for kept samples and `blank()` for masked ones; with no flags (nothing known to
+    be corrupt) just `make()`, so the graph carries no conditional."""
+    if flags is None:
+        return make()
+    if flags:  # noqa: SIM108 -- an `if` statement is what DALI turns into a per-sample conditional
+        out = make()
+    else:
+        out = blank()
+    return out
+
+
+def _decode(jpg, device: str):
+    return fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def _roi_decode(jpg, spec: aug.ViewSpec, device: str):
+    return fn.decoders.image_random_crop(
+        jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        random_area=list(spec.scale), random_aspect_ratio=list(aug.ASPECT), num_attempts=10)
+
+
 def _crop_view(jpg, decoded, keep, spec: aug.ViewSpec, device: str):
     """RandomResizedCrop: from the decoded image, or (decoded None) by decoding only the crop
     region (ROI decode; cheaper on CPU for small crops)."""
     if decoded is None:
-        if keep:
-            img = fn.decoders.image_random_crop(
-                jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-                random_area=list(spec.scale), random_aspect_ratio=list(aug.ASPECT), num_attempts=10)
-        else:
-            img = _blank(device)
-        return fn.resize(img, size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR, antialias=True)
+        img = _if_kept(keep, lambda: _roi_decode(jpg, spec, device), lambda: _blank(device))
+        return fn.resize(img, size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR,
+                         antialias=TRAIN_ANTIALIAS)
     return fn.random_resized_crop(decoded, size=[spec.size, spec.size], random_area=list(spec.scale),
                                   random_aspect_ratio=list(aug.ASPECT), num_attempts=10,
-                                  interp_type=types.INTERP_LINEAR, antialias=True)
+                                  interp_type=types.INTERP_LINEAR, antialias=TRAIN_ANTIALIAS)
 
 
 def _uniform(lo: float, hi: float):
@@ -72,21 +97,27 @@ def _coin(p: float):
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
-def _color(img, brightness, contrast, saturation, hue):
+def _color(img, brightness, contrast, saturation, hue, device: str = "cpu"):
     """ColorJitter + grayscale as two cheap ops: brightness/contrast into float (contrast pivots
     on the image's mean luma, as torchvision's does), then hue/saturation as one 3x3 map on float,
     then one saturating cast back to uint8 (the clamp torchvision's uint8 PIL ops imply).
-    DALI's one-op `color_twist` on uint8 gives the same result (contrast pivot aside) at 2.5x the
-    cost, and on float it pivots contrast at 0.5, hence the split."""
-    mean = fn.reductions.mean(img, axes=[0, 1])
-    luma = aug.LUMA[0] * mean[0] + aug.LUMA[1] * mean[1] + aug.LUMA[2] * mean[2]
+    DALI's one-op `color_twist` pivots contrast at a fixed grey (on float at 0.5). Matches
+    torchvision's functions within 0.4-1.9 grey levels (tests/pipeline/test_augment.py) except
+    hue: DALI rotates hue linearly in YIQ, torchvision in HSV (0.05 turn: 4.8 grey levels apart).
+    On the GPU the pivot is mid-grey (128): the mean would be a GPU tensor, and DALI takes
+    per-sample arguments from the CPU only (not checked on a GPU yet)."""
+    if device == "gpu":
+        luma = 128.0
+    else:
+        mean = fn.reductions.mean(img, axes=[0, 1])
+        luma = aug.LUMA[0] * mean[0] + aug.LUMA[1] * mean[1] + aug.LUMA[2] * mean[2]
     out = fn.brightness_contrast(img, brightness=brightness, contrast=contrast, contrast_center=luma,
                                  dtype=types.FLOAT)
     out = fn.color_twist(out, saturation=saturation, hue=hue)
     return fn.cast(out, dtype=types.UINT8)
 
 
-def _color_blur_flip(img, blur: bool):
+def _color_blur_flip(img, blur: bool, device: str):
     """Spec 5.3 steps 2-6 on one view (uint8 HWC in, float CHW normalised out).
 
     Cost (2-core CPU, bench/pipeline.py --profile): each op runs only on the samples that draw it
@@ -107,7 +138,7 @@ def _color_blur_flip(img, blur: bool):
     saturation = (1.0 + on * _uniform(-s, s)) * (1.0 - fn.cast(gray, dtype=types.FLOAT))
     hue = on * _uniform(-360 * h, 360 * h)
     if jitter | gray:
-        img = _color(img, brightness, contrast, saturation, hue)
+        img = _color(img, brightness, contrast, saturation, hue, device)
     out = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD,
                                    mirror=fn.random.coin_flip(probability=aug.P_FLIP))
     if blur:
@@ -119,20 +150,17 @@ def _color_blur_flip(img, blur: bool):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep: KeepSource,
+def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep: KeepSource | None,
                    device: str, reader_seed: int, roi_decode: bool):
-    """Outputs: one float CHW view per spec, cls digits, idx digits, keep."""
+    """Outputs: one float CHW view per spec, cls digits, idx digits, and keep flags when `keep`
+    is given (without known-corrupt samples the graph has no masking conditional at all)."""
     jpg, cls, idx = reader(plan, reader_seed)
-    flags = _keep_input(keep)
+    flags = None if keep is None else _keep_input(keep)
     decoded = None
     if not roi_decode:  # decode once, crop every view from it
-        if flags:
-            decoded = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu",
-                                        output_type=types.RGB)
-        else:
-            decoded = _blank(device)
-    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur) for spec in specs]
-    return (*views, cls, idx, flags)
+        decoded = _if_kept(flags, lambda: _decode(jpg, device), lambda: _blank(device))
+    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur, device) for spec in specs]
+    return (*views, cls, idx) if flags is None else (*views, cls, idx, flags)
 
 
 def _resize_shorter(img, shape, resize: int):
@@ -146,20 +174,17 @@ def _resize_shorter(img, shape, resize: int):
 
 
 @pipeline_def(enable_conditionals=True)
-def eval_pipeline(plan: EpochPlan, image_size: int, resize: int, keep: KeepSource, device: str,
+def eval_pipeline(plan: EpochPlan, image_size: int, resize: int, keep: KeepSource | None, device: str,
                   reader_seed: int):
     """Resize the shorter side to `resize` (bilinear, antialiased like PIL), center crop
-    `image_size`, normalise: spec 2.2. Outputs: view, cls digits, idx digits, keep."""
+    `image_size`, normalise: spec 2.2. Outputs: view, cls digits, idx digits[, keep flags]."""
     jpg, cls, idx = reader(plan, reader_seed)
-    flags = _keep_input(keep)
-    if flags:
-        img = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-        img = _resize_shorter(img, fn.peek_image_shape(jpg), resize)
-    else:
-        img = fn.resize(_blank(device), size=[resize, resize])
+    flags = None if keep is None else _keep_input(keep)
+    img = _if_kept(flags, lambda: _resize_shorter(_decode(jpg, device), fn.peek_image_shape(jpg), resize),
+                   lambda: fn.resize(_blank(device), size=[resize, resize]))
     view = fn.crop_mirror_normalize(img, crop=[image_size, image_size], dtype=types.FLOAT,
                                     output_layout="CHW", mean=_MEAN, std=_STD)
-    return view, cls, idx, flags
+    return (view, cls, idx) if flags is None else (view, cls, idx, flags)
 
 
 @pipeline_def

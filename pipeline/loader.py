@@ -80,11 +80,14 @@ class Loader:
     def _batch(self, views: list[torch.Tensor], cls_digits: torch.Tensor, idx_digits: torch.Tensor,
                rows: torch.Tensor) -> Batch:
         """Keep `rows` (bool [B]: real, decodable samples) and move everything to the device."""
-        keep = rows.nonzero().squeeze(1)
         nb = self.device.type == "cuda"
-        return Batch([v.index_select(0, keep.to(v.device)).to(self.device, non_blocking=nb) for v in views],
-                     digits_to_int(idx_digits.index_select(0, keep)).to(self.device, non_blocking=nb),
-                     digits_to_int(cls_digits.index_select(0, keep)).to(self.device, non_blocking=nb))
+        if not rows.all():  # the common case keeps every row and copies nothing
+            keep = rows.nonzero().squeeze(1)
+            views = [v.index_select(0, keep.to(v.device)) for v in views]
+            idx_digits, cls_digits = idx_digits.index_select(0, keep), cls_digits.index_select(0, keep)
+        return Batch([v.to(self.device, non_blocking=nb) for v in views],
+                     digits_to_int(idx_digits).to(self.device, non_blocking=nb),
+                     digits_to_int(cls_digits).to(self.device, non_blocking=nb))
 
 
 def default_device() -> torch.device:

@@ -54,7 +54,8 @@ def view_transform(spec: aug.ViewSpec, blur: bool = True) -> T.Compose:
 
 def eval_transform(image_size: int, resize: int) -> T.Compose:
     """Spec 2.2: Resize(shorter side, bilinear) -> CenterCrop -> normalise."""
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(aug.MEAN, aug.STD)])
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(aug.MEAN, aug.STD)])
 
 
 def rank_samples(plan: EpochPlan, seed: int, epoch: int) -> Iterator[dict]:
@@ -130,8 +131,8 @@ class TorchLoader(Loader):
             for shard, key, reason in skipped:
                 self._record_skip(shard, key, reason)
             nb = self.device.type == "cuda"
-            yield Batch([v.to(self.device, non_blocking=nb) for v in views], idx.to(self.device, non_blocking=nb),
-                        cls.to(self.device, non_blocking=nb))
+            yield Batch([v.to(self.device, non_blocking=nb) for v in views],
+                        idx.to(self.device, non_blocking=nb), cls.to(self.device, non_blocking=nb))
         self.close()
 
     def close(self) -> None:

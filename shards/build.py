@@ -6,9 +6,12 @@ Recipe (design.md section 3, "Shards"):
   3. shuffle the usable inputs with ``seed``; position in that order is the sample's ``idx``;
   4. write shard k = idx ``[k * samples_per_shard, (k + 1) * samples_per_shard)`` in a worker,
      under a temporary name, renamed when complete; record its checksum in ``.build-<split>/``;
-  5. merge the split's entry into ``_info.json`` (last, atomically) and drop ``.build-<split>/``.
+  5. fsync every shard, merge the split's entry into ``_info.json`` (last, atomically), drop
+     ``.build-<split>/``.
 Rerunning after a kill resumes: the scan is reloaded from ``.build-<split>/plan.json``, completed
-shards whose checksums still match are kept, the rest are rewritten with identical bytes.
+shards whose checksums still match are kept, the rest are rewritten with identical bytes. Shards
+are not fsynced one by one: after a power loss a shard or record that did not reach the disk fails
+that checksum comparison and is rewritten, and nothing is named in the manifest before it is on disk.
 
 Test hook (`shards.writer.STALL_ENV`): with ``HCSC_SHARDS_TEST_STALL_AFTER=K`` in the environment
 every shard numbered K or more stalls half-written, so a test can kill the build at a known point.
@@ -24,6 +27,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from importlib import metadata
@@ -33,10 +37,10 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.convert import probe_file
-from shards.format import FORMAT_VERSION, INFO_NAME, index_name, shard_name, write_json_atomic
+from shards.format import FORMAT_VERSION, INFO_NAME, shard_name, write_json_atomic
 from shards.manifest import BuildError, load_manifest, other_class_names, remove_split, update_manifest
 from shards.sources import Listing, list_inputs, parse_source
-from shards.writer import ShardTask, shard_is_complete, write_shard
+from shards.writer import ShardTask, fsync_files, shard_is_complete, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ def tool_version() -> str:
 def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, seed: int = 0, workers: int = 1,
                  max_side: int | None = None, quality: int = DEFAULT_QUALITY, limit: int | None = None,
-                 overwrite: bool = False, fsync: bool = True, show_progress: bool = True) -> dict:
+                 overwrite: bool = False, resume: bool = False, fsync: bool = True,
+                 show_progress: bool = True) -> dict:
     """Build (or resume, or confirm up to date) one split of a shard folder.
 
     Args:
@@ -68,7 +73,9 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
         quality: JPEG quality of converted or re-encoded images.
         limit: use a seeded random subset of this many inputs (tests, debugging).
         overwrite: replace a different build of the same split.
-        fsync: flush each shard to disk before it counts as complete.
+        resume: only finish an interrupted build; refuse to start a new one. (An interrupted build
+            is resumed without it too: the same call again continues where it stopped.)
+        fsync: flush the shards to disk before the manifest names them.
         show_progress: draw tqdm bars.
 
     Returns:
@@ -85,7 +92,7 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
               "quality": quality, "limit": limit}
     fingerprint = hashlib.sha256(json.dumps([FORMAT_VERSION, spec, split, params], sort_keys=True)
                                  .encode()).hexdigest()[:16]
-    done = _prepare_folder(out, split, fingerprint, overwrite)
+    done = _prepare_folder(out, split, fingerprint, overwrite, resume)
     if done is not None:
         log.info("%s: split %r is already built by this command; nothing to do", out, split)
         return done
@@ -94,8 +101,10 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
     with _pool(workers) as pool:
         plan = _load_or_scan(out, split, fingerprint, listing, params, pool, show_progress)
         order = _shuffle(plan, seed)
-        records = _write_all(out, split, spec, listing, plan, order, params, pool, fsync, show_progress)
+        records = _write_all(out, split, spec, listing, plan, order, params, pool, show_progress)
     entry = _entry(spec, split, params, fingerprint, listing, plan, records)
+    if fsync:
+        fsync_files([out / name for r in records for name in (r["name"], r["index"])])
     update_manifest(out, split, entry)
     shutil.rmtree(out / f".build-{split}", ignore_errors=True)
     _log_summary(out, split, entry, time.perf_counter() - start)
@@ -114,25 +123,31 @@ def _check_args(split: str, samples_per_shard: int, workers: int, max_side: int 
         raise BuildError(f"--quality {quality}: must be at most 100 (95 keeps JPEG artefacts low)")
 
 
-def _prepare_folder(out: Path, split: str, fingerprint: str, overwrite: bool) -> dict | None:
+def _prepare_folder(out: Path, split: str, fingerprint: str, overwrite: bool, resume: bool) -> dict | None:
     """Refuse another build's split unless overwriting; return the entry when already built."""
     state = out / f".build-{split}"
     entry = load_manifest(out).get("splits", {}).get(split)
+    if overwrite and resume:
+        raise BuildError("--overwrite and --resume contradict each other; pass one of them")
     if overwrite:
         remove_split(out, split)
         shutil.rmtree(state, ignore_errors=True)
         return None
     if entry is not None:
         if entry.get("fingerprint") == fingerprint:
+            shutil.rmtree(state, ignore_errors=True)  # left behind if killed just after the manifest
             return entry
         raise BuildError(f"{out}: holds split {split!r} from a different build (source "
                          f"{entry['source'].get('path')}, params {entry['params']}); pass --overwrite "
                          "to replace it or choose another --out")
-    plan = state / "plan.json"
-    if plan.is_file() and json.loads(plan.read_text()).get("fingerprint") != fingerprint:
+    plan = _read_plan(state)
+    if plan is not None and plan.get("fingerprint") != fingerprint:
         raise BuildError(f"{out}: holds an unfinished build of split {split!r} with other settings; "
                          "rerun that command to finish it, or pass --overwrite")
-    if not plan.is_file() and any(out.glob(f"{split}-*.tar")):
+    if plan is None and resume:
+        raise BuildError(f"{out}: no unfinished build of split {split!r} to resume; "
+                         "drop --resume to start one")
+    if plan is None and any(out.glob(f"{split}-*.tar")):
         raise BuildError(f"{out}: holds {split}-*.tar shards of unknown origin (no {INFO_NAME} entry); "
                          "pass --overwrite to replace them or choose another --out")
     for stale in out.glob(f"{split}-*.tmp"):
@@ -155,18 +170,24 @@ class _InProcess:
         return False
 
 
+def start_method() -> str:
+    """fork on Linux, as torch's DataLoader does: spawn re-imports the caller's ``__main__`` in
+    every worker (seconds with torch, and a hang for scripts without a ``__main__`` guard). The
+    workers only read files, run PIL and hashlib, and never touch the parent's torch/DALI threads."""
+    return "fork" if sys.platform == "linux" else "spawn"
+
+
 def _pool(workers: int):
-    # spawn, not fork: the caller may be a training process holding threads (torch, DALI).
-    return _InProcess() if workers == 1 else multiprocessing.get_context("spawn").Pool(workers)
+    return _InProcess() if workers == 1 else multiprocessing.get_context(start_method()).Pool(workers)
 
 
 def _load_or_scan(out: Path, split: str, fingerprint: str, listing: Listing, params: dict, pool,
                   show_progress: bool) -> dict:
     """The scan result (chosen inputs and a decision for each), reloaded when resuming."""
     path = out / f".build-{split}" / "plan.json"
-    if path.is_file():
-        plan = json.loads(path.read_text())
-        if plan["digest"] != listing.digest:
+    plan = _read_plan(path.parent)
+    if plan is not None:
+        if plan.get("digest") != listing.digest:
             raise BuildError(f"{listing.spec['path']}: changed since the interrupted build in {out}; "
                              "pass --overwrite to start again")
         log.info("%s: resuming the build of split %r", out, split)
@@ -190,23 +211,33 @@ def _load_or_scan(out: Path, split: str, fingerprint: str, listing: Listing, par
     return plan
 
 
+def _read_plan(state: Path) -> dict | None:
+    """The scan of an interrupted build; None when there is none (or a crash cut it short)."""
+    try:
+        plan = json.loads((state / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and "fingerprint" in plan else None
+
+
 def _shuffle(plan: dict, seed: int) -> list[int]:
     """Listing positions of the usable inputs in idx order (the global shuffle, design.md 3)."""
     usable = [i for i, d in zip(plan["chosen"], plan["decisions"], strict=True) if not d.startswith("skip:")]
     if not usable:
-        raise BuildError(f"no usable images among {len(plan['chosen'])} inputs; see the reasons with "
-                         "--limit 20 and the log")
+        reasons = sorted({d[len("skip:"):] for d in plan["decisions"]})[:3]
+        raise BuildError(f"no usable images among {len(plan['chosen'])} inputs (skipped: {reasons}); "
+                         "check the source")
     perm = np.random.default_rng([seed, 0]).permutation(len(usable))
     return [usable[p] for p in perm]
 
 
 def _write_all(out: Path, split: str, spec: dict, listing: Listing, plan: dict, order: list[int],
-               params: dict, pool, fsync: bool, show_progress: bool) -> list[dict]:
+               params: dict, pool, show_progress: bool) -> list[dict]:
     decision_of = dict(zip(plan["chosen"], plan["decisions"], strict=True))
     size = params["samples_per_shard"]
     tasks = [ShardTask(str(out), split, k, spec, start, [listing.inputs[i] for i in part],
                        [listing.labels[i] for i in part], [decision_of[i] for i in part],
-                       params["max_side"], params["quality"], fsync)
+                       params["max_side"], params["quality"])
              for k, start in enumerate(range(0, len(order), size))
              for part in [order[start:start + size]]]
     state = out / f".build-{split}"
@@ -226,8 +257,11 @@ def _write_all(out: Path, split: str, spec: dict, listing: Listing, plan: dict, 
 
 def _check_record(args: tuple[str, str]) -> dict | None:
     out, record_path = args
-    record = json.loads(Path(record_path).read_text())
-    return record if shard_is_complete(Path(out), record) else None
+    try:
+        record = json.loads(Path(record_path).read_text())
+        return record if shard_is_complete(Path(out), record) else None
+    except (OSError, ValueError, KeyError, TypeError):  # a record cut short by a crash: rewrite the shard
+        return None
 
 
 def _completed(state: Path, tasks: list[ShardTask], pool) -> dict[str, dict]:
@@ -257,11 +291,12 @@ def _entry(spec: dict, split: str, params: dict, fingerprint: str, listing: List
 def _log_summary(out: Path, split: str, entry: dict, seconds: float) -> None:
     total = sum(r["bytes"] for r in entry["shards"])
     log.info("%s: split %r: %d samples, %d classes, %d shards, %.1f MB in %.1f s (%.0f images/s); "
-             "copied %d, converted %s, skipped %d%s", out, split, entry["num_samples"],
+             "copied %d, converted %s, skipped %d, empty classes %d", out, split, entry["num_samples"],
              entry["num_classes"], len(entry["shards"]), total / 1e6, seconds,
              entry["num_samples"] / max(seconds, 1e-9), entry["copied"], entry["converted"] or 0,
-             len(entry["skipped"]),
-             f", empty classes {entry['empty_classes']}" if entry["empty_classes"] else "")
+             len(entry["skipped"]), len(entry["empty_classes"]))
+    if entry["empty_classes"]:
+        log.warning("class folders without images (ids kept, no samples): %s", entry["empty_classes"])
     for item in entry["skipped"][:10]:
         log.warning("skipped %s: %s", item["input"], item["reason"])
     if len(entry["skipped"]) > 10:
@@ -269,4 +304,4 @@ def _log_summary(out: Path, split: str, entry: dict, seconds: float) -> None:
                     out / INFO_NAME)
 
 
-__all__ = ["BuildError", "DEFAULT_SAMPLES_PER_SHARD", "build_shards", "index_name"]
+__all__ = ["BuildError", "DEFAULT_SAMPLES_PER_SHARD", "build_shards"]

@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a seeded random subset of N inputs (for tests and debugging)")
     b.add_argument("--overwrite", action="store_true", help="replace a different build of this split")
     b.add_argument("--resume", action="store_true",
-                   help="finish an interrupted build (also what rerunning the same command does)")
+                   help="only finish an interrupted build, never start a new one (rerunning the same "
+                        "command without it also resumes)")
     b.add_argument("--no-fsync", dest="fsync", action="store_false",
-                   help="do not flush each shard to disk before counting it complete")
+                   help="do not flush the shards to disk before writing the manifest")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     v = sub.add_parser("verify", help="check counts, checksums, idx coverage and index files")
     v.add_argument("dir")
@@ -70,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
     entry = build_shards(args.source, args.out, split=args.split, samples_per_shard=args.samples_per_shard,
                          seed=args.seed, workers=args.workers, max_side=args.max_side,
                          quality=args.quality, limit=args.limit, overwrite=args.overwrite,
-                         fsync=args.fsync, show_progress=not args.quiet)
+                         resume=args.resume, fsync=args.fsync, show_progress=not args.quiet)
     print(f"{args.out}: split {args.split!r}: {entry['num_samples']} samples in {len(entry['shards'])} "
           f"shards; copied {entry['copied']}, converted {entry['converted'] or 0}, "
           f"skipped {len(entry['skipped'])}")

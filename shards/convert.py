@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-HEAD_BYTES = 1 << 16  # the header segments of nearly every JPEG fit; otherwise the whole file is read
+HEAD_BYTES = 1 << 13  # the header segments of most JPEGs fit; otherwise the whole file is read
 TAIL_BYTES = 1 << 12
 # SOF markers: C0 baseline, C1 extended sequential, C2 progressive (Huffman); the rest are lossless,
 # hierarchical or arithmetic-coded, which some decoders (nvJPEG) do not read.
@@ -80,19 +80,21 @@ def _has_eoi(data: bytes, start: int) -> bool:
 def probe_file(path: str, max_side: int | None = None) -> str:
     """``copy``, ``convert:<reason>`` or ``skip:<reason>`` for one file, reading as little as it can.
 
-    A copyable JPEG costs a read of its head and tail; anything else is read and decoded in full.
+    A copyable JPEG costs two small reads (its head and tail); anything else is read and decoded.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEAD_BYTES, 0)
             header = parse_jpeg_header(head)
             if is_copyable(header, max_side) and size > len(head):
-                f.seek(max(size - TAIL_BYTES, header.sos))
-                if _has_eoi(f.read(), 0):
+                start = max(size - TAIL_BYTES, header.sos)
+                if _has_eoi(os.pread(fd, size - start, start), 0):
                     return "copy"
-            f.seek(0)
-            data = f.read()
+            data = head if size <= len(head) else os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
     except OSError as err:
         return f"skip:unreadable file ({err.strerror})"
     return probe_bytes(data, max_side)
@@ -127,7 +129,7 @@ def prepare(data: bytes, *, max_side: int | None, quality: int | None) -> tuple[
             img.load()  # a full decode proves the input readable
             return None, f"convert:{reason}"
         return encode_jpeg(_to_rgb(img, max_side), quality), f"convert:{reason}"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Exception as err:  # PIL's plugins raise many types on corrupt files; each means "unreadable"
         raise InputError(f"does not decode ({type(err).__name__}: {err})") from None
 
 

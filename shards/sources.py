@@ -11,6 +11,8 @@ Three kinds (design.md section 3, "Shards"):
     names are taken from ``class_names`` (the train split's, so ids agree) or else sorted.
   - ``fashion-mnist:DIR[:train|test]``: the gzipped idx files of the Debian package
     ``dataset-fashion-mnist``; without a part, split ``train`` reads ``train`` and others ``t10k``.
+    The 28x28 grayscale pixels are written as RGB JPEG at ``--quality`` (default 95): a documented
+    choice so that the demo runs the very decode path ImageNet shards take.
 Every input that cannot become a sample is recorded in ``skipped`` with its reason, never dropped.
 """
 
@@ -127,6 +129,8 @@ def _list_imagefolder(root: Path, spec: dict) -> Listing:
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir():
             listing.skipped.append({"input": entry.name, "reason": "not inside a class folder"})
+        elif entry.name.startswith("."):
+            listing.skipped.append({"input": entry.name, "reason": "hidden folder, not a class"})
     for cls, name in enumerate(classes):
         found = 0
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
@@ -160,7 +164,8 @@ def _read_labels(labels_file: Path) -> list[tuple[str, str]]:
 def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
                        class_names: list[str] | None) -> Listing:
     pairs = _read_labels(labels_file)
-    files = sorted(e.name for e in os.scandir(root) if e.is_file())
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    files = [e.name for e in entries if e.is_file()]
     by_stem = {}
     for name in files:
         by_stem.setdefault(os.path.splitext(name)[0], name)
@@ -171,6 +176,8 @@ def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
                        else sorted(set(wanted)))
     ids = {name: i for i, name in enumerate(class_names)}
     listing = Listing(spec, list(class_names), [], [])
+    listing.skipped += [{"input": e.name, "reason": "a folder in the flat image folder"}
+                        for e in entries if not e.is_file()]
     labelled: dict[str, int] = {}
     for fname, cls in pairs:
         name = fname if fname in files else by_stem.get(fname)
@@ -199,7 +206,7 @@ def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
 def _digest(root: Path, listing: Listing) -> str:
     h = hashlib.sha256()
     for rel, cls in zip(listing.inputs, listing.labels, strict=True):
-        h.update(f"{rel}\0{cls}\0{os.stat(root / rel).st_size}\n".encode())
+        h.update(os.fsencode(f"{rel}\0{cls}\0{os.stat(root / rel).st_size}\n"))
     return h.hexdigest()
 
 

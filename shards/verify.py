@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from shards.build import start_method
 from shards.format import CLS_WIDTH, IDX_WIDTH, IMAGE_EXTS, ShardFormatError, read_info
 from shards.writer import index_text, sha256_file
 
@@ -46,7 +47,7 @@ def _check_split(folder: Path, split: str, entry: dict, decode: bool, workers: i
     check = functools.partial(check_shard, folder, split, num_classes=len(entry["class_names"]),
                               decode=decode)
     if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with multiprocessing.get_context(start_method()).Pool(workers) as pool:
             results = pool.map(check, entry["shards"])
     else:
         results = list(map(check, entry["shards"]))

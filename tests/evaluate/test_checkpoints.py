@@ -43,11 +43,13 @@ def _same_features(a: torch.nn.Module, b: torch.nn.Module, size: int = 32) -> No
         torch.testing.assert_close(pooled_features(a.eval(), x), pooled_features(b.eval(), x))
 
 
+@pytest.mark.slow
 def test_official_layout_loads_the_query_trunk_and_drops_the_head(tmp_path):
     sd, reference = _official_resnet18()
     assert {"module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.bias"} <= set(sd)
     path = tmp_path / "official.pth"
-    torch.save({"epoch": 199, "arch": "resnet18", "state_dict": sd, "optimizer": {"lr": torch.tensor(0.1)}}, path)
+    torch.save({"epoch": 199, "arch": "resnet18", "state_dict": sd, "optimizer": {"lr": torch.tensor(0.1)}},
+               path)
     trunk, feat_dim = load_backbone(path, "resnet18")
     assert feat_dim == 512 and isinstance(trunk.fc, torch.nn.Identity) and not trunk.training
     assert not any(p.requires_grad for p in trunk.parameters())
@@ -59,6 +61,7 @@ def test_official_layout_loads_the_query_trunk_and_drops_the_head(tmp_path):
     _same_features(load_backbone(tmp_path / "bare.pth", "resnet18")[0], reference)
 
 
+@pytest.mark.slow
 def test_import_official_round_trips_through_exports(tmp_path):
     sd, reference = _official_resnet18()
     torch.save({"epoch": 5, "state_dict": sd}, tmp_path / "official.pth")
@@ -69,7 +72,8 @@ def test_import_official_round_trips_through_exports(tmp_path):
     # model.checkpoint_io accepts it for a whole HCSC module
     model = HCSC(ModelConfig(encoder="resnet18", dim=128, queue_size=64), HCSCConfig())
     load_official_state_dict(model, imported)
-    torch.testing.assert_close(model.encoder_k.layer1[0].conv1.weight, sd["module.encoder_k.layer1.0.conv1.weight"])
+    torch.testing.assert_close(model.encoder_k.layer1[0].conv1.weight,
+                               sd["module.encoder_k.layer1.0.conv1.weight"])
     # torchvision export: a plain resnet18 loads it with only fc missing, and so does our loader
     export_torchvision(tmp_path / "ours.pth", tmp_path / "tv.pth")
     tv_sd = torch.load(tmp_path / "tv.pth", weights_only=True)
@@ -110,13 +114,15 @@ def test_detectron2_export_key_names(tmp_path):
     assert len(model) == n_trunk
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_folders(tmp_path):
     model = tiny_hcsc()
     run = tmp_path / "run"
     tag = run / "checkpoints" / "epoch0003-batch000000"
     tag.mkdir(parents=True)
     torch.save({"module": model.state_dict(), "epoch": 3, "format_version": 1,
-                "config_yaml": "model:\n  encoder: resnet18_small\n  dim: 16\n"}, tag / "mp_rank_00_model_states.pt")
+                "config_yaml": "model:\n  encoder: resnet18_small\n  dim: 16\n"},
+               tag / "mp_rank_00_model_states.pt")
     (run / "checkpoints" / "latest").write_text(tag.name + "\n")
     for path in (run, tag, tag / "mp_rank_00_model_states.pt"):
         ckpt = read_checkpoint(path)

@@ -69,7 +69,8 @@ def test_bank_split_over_ranks_equals_one_process(dist_run, per_class):
 def test_metrics_by_hand():
     labels = np.array([0, 0, 1, 1, 2, 2])
     perfect = np.array([5, 5, 3, 3, 9, 9])
-    assert clustering_scores(labels, perfect) == pytest.approx({"nmi": 1.0, "ami": 1.0, "ari": 1.0, "acc": 1.0})
+    assert clustering_scores(labels, perfect) == pytest.approx(
+        {"nmi": 1.0, "ami": 1.0, "ari": 1.0, "acc": 1.0})
     # clusters {0,0,1} {1,2,2}: best mapping gets 2 + 2 of 6 right.
     assert hungarian_accuracy(labels, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(4 / 6)
     # one cluster: no information at all.

@@ -46,7 +46,8 @@ SHORT = LinearConfig(epochs=10, milestones=[6, 8])  # the spec protocol (lr 5, m
 
 def test_protocol_defaults_and_step_decay():
     cfg = LinearConfig()
-    assert (cfg.epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.milestones) == (100, 5.0, 0.9, 0.0, [60, 80])
+    protocol = (cfg.epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.milestones)
+    assert protocol == (100, 5.0, 0.9, 0.0, [60, 80])
     assert [cfg.lr_at(e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([5, 5, 0.5, 0.5, 0.05, 0.05])
     fc = make_classifier(2048, 1000)
     assert fc.weight.std().item() == pytest.approx(0.01, rel=0.02) and not fc.bias.any()
@@ -103,6 +104,7 @@ def _two_rank_probe(init: dict) -> dict:
     return {"weights": {k: v.numpy() for k, v in fc.state_dict().items()}, "history": result.history}
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_equal_one_process(dist_run):
     torch.manual_seed(0)

@@ -63,7 +63,8 @@ BROKEN = {
     "missing shard": (lambda d: (d / "train-000001.tar").unlink(), "train-000001.tar"),
     "truncated shard": (_truncate, "train-000001.tar"),
     "missing index": (lambda d: (d / "train-000000.idx").unlink(), "train-000000.idx"),
-    "index count": (lambda d: _edit_info(d, lambda s: s["shards"][0].update(num_samples=29)), "train-000000.idx"),
+    "index count": (lambda d: _edit_info(d, lambda s: s["shards"][0].update(num_samples=29)),
+                    "train-000000.idx"),
     "num_samples": (lambda d: _edit_info(d, lambda s: s.update(num_samples=61)), INFO_NAME),
     "no manifest": (lambda d: (d / INFO_NAME).unlink(), INFO_NAME),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,19 @@ def test_full_fashion_mnist_train_build(fashion_mnist_dir, tmp_path):
     assert entry["converted"] == {"encoded": 60000}
     assert read_info(tmp_path)["splits"]["train"] == entry
 
+
+
+def test_worker_count_does_not_change_the_shards(folder_shards, image_folder, tmp_path):
+    """Converted inputs included: 1 worker writes exactly the bytes 2 workers wrote."""
+    out, entry = folder_shards
+    again = build_shards(f"imagefolder:{image_folder}", tmp_path, samples_per_shard=5, seed=3, workers=1,
+                         show_progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in entry["shards"]]
+
+
+def test_undecodable_file_names_are_handled(tmp_path, foolbox_jpegs):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / os.fsdecode(b"caf\xe9.JPEG")).write_bytes(foolbox_jpegs[0].read_bytes())  # Latin-1 name
+    entry = build_shards(f"imagefolder:{src}", tmp_path / "out", show_progress=False)
+    assert entry["copied"] == 1 and verify(tmp_path / "out") == []

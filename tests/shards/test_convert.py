@@ -77,3 +77,11 @@ def test_fashion_pixels_become_an_rgb_jpeg_close_to_the_original():
     img = Image.open(io.BytesIO(encode_array(pixels, 95)))
     assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (28, 28))
     assert np.abs(np.asarray(img.convert("L"), dtype=float) - pixels).mean() < 3
+
+
+def test_jpeg_with_a_header_larger_than_the_first_read_is_copied(foolbox_jpegs, tmp_path):
+    data = foolbox_jpegs[3].read_bytes()
+    app = b"\xff\xe1" + (2 + 30000).to_bytes(2, "big") + b"Exif\0\0" + bytes(29994)  # big EXIF segment
+    path = tmp_path / "exif.JPEG"
+    path.write_bytes(data[:2] + app + data[2:])
+    assert probe_file(str(path)) == "copy"

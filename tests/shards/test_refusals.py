@@ -87,3 +87,8 @@ def test_unfinished_build_with_other_settings(built, capsys):
     (out / ".build-train" / "plan.json").write_text('{"fingerprint": "from-another-command"}')
     err = refused(capsys, "--source", f"imagefolder:{src}", "--out", str(out))
     assert "unfinished build" in err and "--overwrite" in err
+
+
+def test_resume_without_an_unfinished_build(capsys, tmp_path):
+    err = refused(capsys, "--source", "fashion-mnist:", "--out", str(tmp_path), "--limit", "10", "--resume")
+    assert "no unfinished build of split 'train' to resume" in err

@@ -63,7 +63,7 @@ def test_kill_and_resume_gives_identical_shards(workers, fashion_mnist_dir, tmp_
     data[5000] ^= 0xFF
     damaged.write_bytes(bytes(data))
 
-    done = subprocess.run(cli_args(source, out, workers), capture_output=True, text=True,
+    done = subprocess.run(cli_args(source, out, workers) + ["--resume"], capture_output=True, text=True,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "keeping 1 complete shards, writing 5" in done.stderr

@@ -58,8 +58,11 @@ def test_imagenet_val_plain_lines_with_ids(tmp_path, foolbox_jpegs):
         (tmp_path / f"v{i}.JPEG").write_bytes(src.read_bytes())
     labels = tmp_path / "labels.txt"
     labels.write_text("# file class\nv0.JPEG 2\nv1.JPEG 0\n\nv2.JPEG 7\n")
+    (tmp_path / "sub").mkdir()
     listing = list_inputs(parse_source(f"imagenet-val:{tmp_path},{labels}", "val"))
     assert listing.labels == [2, 0, 7] and listing.class_names == [str(i) for i in range(8)]
+    assert listing.skipped == [{"input": "sub", "reason": "a folder in the flat image folder"},
+                               {"input": "labels.txt", "reason": "no label in labels.txt"}]
 
 
 @pytest.mark.parametrize("source", ["imagefolder:/does/not/exist", "imagenet-val:/nope,/nope.txt",
@@ -68,3 +71,14 @@ def test_bad_sources_are_one_line_errors(source):
     with pytest.raises(SourceError) as err:
         parse_source(source, "train")
     assert "\n" not in str(err.value) and source.split(":")[-1].split(",")[0] in str(err.value)
+
+
+def test_imagefolder_reports_stray_files_and_hidden_folders(tmp_path, foolbox_jpegs):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / "cls" / "a.JPEG").write_bytes(foolbox_jpegs[0].read_bytes())
+    (tmp_path / "README").write_text("x")
+    listing = list_inputs(parse_source(f"imagefolder:{tmp_path}", "train"))
+    assert listing.inputs == ["cls/a.JPEG"] and listing.class_names == ["cls"]
+    assert listing.skipped == [{"input": ".cache", "reason": "hidden folder, not a class"},
+                               {"input": "README", "reason": "not inside a class folder"}]

@@ -114,3 +114,8 @@ def test_decode_catches_a_broken_image_with_consistent_checksums(shards_copy):
     problems = verify(shards_copy, decode=True)
     assert len(problems) == 1
     assert problems[0].startswith("train/train-000004.tar: sample 000000000020: jpg does not decode")
+
+
+def test_parallel_verify_reports_the_same(shards_copy):
+    (shards_copy / "train-000003.tar").unlink()
+    assert verify(shards_copy, workers=2) == verify(shards_copy, workers=1) != []
