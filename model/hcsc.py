@@ -178,39 +178,45 @@ class HCSC(nn.Module):
             logits, masks = self._proto_level_logits(z, labels, terms, protos)
             terms.local_proto_logits.append(logits)
             terms.local_proto_masks.append(masks)
-        # ICSC (spec 3): one Bernoulli mask per level over the pre-enqueue queue.
-        if cfg.instance_selection:
-            terms.inst_masks = [self._instance_mask(lvl, y, protos) for lvl, y in enumerate(labels)]
-        terms.inst_logits = self._masked_instance_logits(q, k, queue, terms.inst_masks)
-        local_masks = terms.inst_masks if cfg.selection_on_local else []  # the same s^l (spec 5.1)
+        # ICSC (spec 3): one Bernoulli mask per level over the pre-enqueue queue, levels stacked.
+        masks = self._instance_masks(labels, protos) if cfg.instance_selection else None
+        inst = self._masked_instance_logits(q, k, queue, masks)  # (L or 1, B, 1+K)
+        local_masks = masks if cfg.selection_on_local else None  # the same s^l (spec 5.1)
         local_inst = [self._masked_instance_logits(z, k, queue, local_masks) for z in local_q]
-        terms.local_inst_logits = [x for per_view in local_inst for x in per_view]
-        return self._reduce(terms, local_inst, protos.num_levels, q.new_zeros(()))
+        terms.inst_masks = [] if masks is None else list(masks.unbind(0))
+        terms.inst_logits = list(inst.unbind(0))
+        terms.local_inst_logits = [x for per_view in local_inst for x in per_view.unbind(0)]
+        return self._reduce(inst, local_inst, terms, protos.num_levels, q.new_zeros(()))
 
-    def _reduce(self, terms: StepTerms, local_inst, n_levels: int, zero) -> dict[str, torch.Tensor]:
+    def _reduce(self, inst, local_inst, terms: StepTerms, n_levels: int, zero) -> dict[str, torch.Tensor]:
         """Spec 5.1: instance CE summed over levels (averaged with `average_instance_loss`),
         prototype CE averaged over levels; local prototype terms / L, not / (V L)."""
         ce = losses.info_nce
-        levels = (lambda xs: sum(xs) / len(xs)) if self.hcsc_cfg.average_instance_loss else sum
+
+        def levels(logits: torch.Tensor) -> torch.Tensor:
+            per_level = losses.info_nce_levels(logits)
+            return per_level.mean() if self.hcsc_cfg.average_instance_loss else per_level.sum()
+
         return {
-            "loss_inst": levels([ce(x) for x in terms.inst_logits]),
+            "loss_inst": levels(inst),
             "loss_proto": sum(ce(x) for x in terms.proto_logits) / n_levels,
-            "loss_local_inst": sum((levels([ce(x) for x in per_view]) for per_view in local_inst), zero),
+            "loss_local_inst": sum((levels(x) for x in local_inst), zero),
             "loss_local_proto": sum((ce(x) for v in terms.local_proto_logits for x in v), zero) / n_levels,
         }
 
-    def _masked_instance_logits(self, z, k, queue, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One (B, 1+K) logit matrix per level mask (spec 3); one plain MoCo matrix without masks."""
-        if not masks:
-            return [self._moco_logits(z, k, queue)]
+    def _masked_instance_logits(self, z, k, queue, masks: torch.Tensor | None) -> torch.Tensor:
+        """(L, B, 1+K) logits, one matrix per level mask (spec 3); (1, B, 1+K) plain MoCo without."""
         l_pos, l_neg = (z * k).sum(1, keepdim=True), z @ queue
-        return [losses.instance_logits(l_pos, l_neg, m, self.model_cfg.temperature,
-                                       self.hcsc_cfg.remove_dropped_negatives) for m in masks]
+        if masks is None:
+            return losses.instance_logits(l_pos, l_neg, None, self.model_cfg.temperature)[None]
+        return losses.instance_logits(l_pos, l_neg, masks, self.model_cfg.temperature,
+                                      self.hcsc_cfg.remove_dropped_negatives)
 
-    def _instance_mask(self, level: int, labels: torch.Tensor, protos: Prototypes) -> torch.Tensor:
-        with torch.no_grad(), selection.fp32_region(labels.device):
-            prob = selection.instance_keep_prob(self.queue, protos.centroids[level], protos.density[level],
-                                                labels, self._cache.log_norm(level))
+    def _instance_masks(self, labels: list[torch.Tensor], protos: Prototypes) -> torch.Tensor:
+        """(L, B, K) bool: s_ij^l ~ Bernoulli(p_ij^l), every level in one draw."""
+        with torch.no_grad(), selection.fp32_region(labels[0].device):
+            prob = selection.instance_keep_prob_levels(self.queue, protos.centroids, protos.density,
+                                                       labels, self._cache.log_norm())
             return self.mask_sampler(prob)
 
     def _proto_level_logits(self, z, labels, terms: StepTerms, protos: Prototypes):

@@ -34,9 +34,13 @@ def instance_logits(l_pos: torch.Tensor, l_neg: torch.Tensor, keep: torch.Tensor
                     temperature: float, remove_dropped: bool = False) -> torch.Tensor:
     """``cat([l_pos, keep * l_neg]) / T`` (spec 3): the mask multiplies the cosine, before /T.
 
-    Shape: l_pos (B, 1) z.k, l_neg (B, K) z.Q, keep (B, K) bool or None (= all kept) -> (B, 1+K).
+    `keep` may carry a leading level axis, giving every level's logits in one pass.
+
+    Shape: l_pos (B, 1) z.k, l_neg (B, K) z.Q, keep (B, K) or (L, B, K) bool or None (= all kept)
+    -> (B, 1+K) or (L, B, 1+K).
     """
-    return torch.cat([l_pos, _drop(l_neg, keep, remove_dropped)], dim=1) / temperature
+    neg = _drop(l_neg, keep, remove_dropped)
+    return torch.cat([l_pos.expand(*neg.shape[:-1], 1), neg], dim=-1) / temperature
 
 
 def excluded_prototypes(batch_labels: torch.Tensor, num_protos: int, max_label: torch.Tensor,
@@ -84,6 +88,14 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with target 0 for every row, averaged over the batch. Shape: (B, C) -> ()."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target)
+
+
+def info_nce_levels(logits: torch.Tensor) -> torch.Tensor:
+    """`info_nce` of every level in one call. Shape: (L, B, C) -> (L,)."""
+    n_levels, batch = logits.shape[:2]
+    target = torch.zeros(n_levels * batch, dtype=torch.long, device=logits.device)
+    per_row = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
+    return per_row.view(n_levels, batch).mean(dim=1)
 
 
 def top1_accuracy(logits: torch.Tensor) -> torch.Tensor:

@@ -42,17 +42,29 @@ def instance_keep_prob(queue: torch.Tensor, centroids: torch.Tensor, density: to
                        labels: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
     """p_ij = clip(1 - P(y_i | q_j), 0, 0.999), P the per-prototype-temperature softmax (spec 3).
 
-    Only the B needed columns of the (K, M) soft assignment are formed: P(y_i | q_j) =
-    exp(q_j . c_{y_i} / phi_{y_i} - log_norm_j), with `log_norm` from `queue_log_normalizer`
-    (passed in when cached, computed here otherwise).
+    One level; `instance_keep_prob_levels` is the same for all levels in one pass.
 
     Shape: queue (d, K), centroids (M, d), density (M,), labels (B,) int64, log_norm (K,) -> (B, K).
     """
     if log_norm is None:
         log_norm = queue_log_normalizer(queue, centroids, density)
-    phi = density.float().clamp_min(MIN_INSTANCE_CONCENTRATION)
-    pos = centroids.float()[labels] / phi[labels, None]  # (B, d): c_{y_i} / phi_{y_i}
-    assign = torch.exp(pos @ queue.float() - log_norm[None, :])  # (B, K): P(y_i | q_j)
+    return instance_keep_prob_levels(queue, [centroids], [density], [labels], log_norm[None])[0]
+
+
+def instance_keep_prob_levels(queue: torch.Tensor, centroids: list[torch.Tensor], density: list[torch.Tensor],
+                              labels: list[torch.Tensor], log_norm: torch.Tensor) -> torch.Tensor:
+    """Keep probabilities of every level at once (one matmul, one exp: fewer, larger kernels).
+
+    Only the B needed columns of each (K, M_l) soft assignment are formed: P(y_i | q_j) =
+    exp(q_j . c_{y_i} / phi_{y_i} - log_norm_j), with `log_norm` from `queue_log_normalizer`.
+
+    Shape: queue (d, K), centroids[l] (M_l, d), density[l] (M_l,), labels[l] (B,) int64,
+    log_norm (L, K) -> (L, B, K).
+    """
+    pos = torch.stack([  # (L, B, d): c_{y_i} / phi_{y_i} at each level
+        c.float()[y] / phi.float().clamp_min(MIN_INSTANCE_CONCENTRATION)[y, None]
+        for c, phi, y in zip(centroids, density, labels, strict=True)])
+    assign = torch.exp(pos @ queue.float() - log_norm[:, None, :])  # (L, B, K): P(y_i | q_j)
     return (1.0 - assign).clamp_(*INSTANCE_KEEP_CLIP)
 
 
@@ -89,7 +101,7 @@ def sample_mask(prob: torch.Tensor, generator: torch.Generator | None = None) ->
 class SelectionCache:
     """The constants of selection that change only when the prototypes or the queue change.
 
-    - `log_norm(l)`: the (K,) softmax denominators of the queue keys against level l, refreshed
+    - `log_norm(l)`: the (K,) log softmax denominators of the queue keys against level l, refreshed
       column by column on every enqueue (`advance`), so one step costs O(B K d) instead of the
       reference's O(K M d) for the full queue-to-prototype softmax.
     - `parent_prob(l)`: P^{l+1}(u | c_j^l), (M_l, M_{l+1}), fixed for an epoch.
@@ -103,7 +115,7 @@ class SelectionCache:
     def __init__(self) -> None:
         self._proto_src: tuple = ()
         self._queue_src: tuple = ()
-        self._log_norm: list[torch.Tensor] = []
+        self._log_norm = torch.empty(0)
         self._parent: list[torch.Tensor] = []
         self._max_label: list[torch.Tensor] = []
         self._centroids: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -131,8 +143,8 @@ class SelectionCache:
                 self._proto_src = self._stamp(self._proto_tensors(protos))
                 self._queue_src = ()
             if with_queue and not self._same(self._queue_src, [queue]):
-                self._log_norm = [queue_log_normalizer(queue, c, d)
-                                  for c, d in zip(protos.centroids, protos.density, strict=True)]
+                self._log_norm = torch.stack([queue_log_normalizer(queue, c, d)
+                                              for c, d in zip(protos.centroids, protos.density, strict=True)])
                 self._queue_src = self._stamp([queue])
                 self._centroids = list(zip(protos.centroids, protos.density, strict=True))
 
@@ -147,12 +159,13 @@ class SelectionCache:
         if not fresh or self._queue_src[0][1] != version_before:
             return
         with torch.no_grad(), fp32_region(queue.device):
-            for ln, (c, d) in zip(self._log_norm, self._centroids, strict=True):
-                ln.index_copy_(0, cols, queue_log_normalizer(keys.t(), c, d))
+            fresh = torch.stack([queue_log_normalizer(keys.t(), c, d) for c, d in self._centroids])
+            self._log_norm.index_copy_(1, cols, fresh)
         self._queue_src = self._stamp([queue])
 
-    def log_norm(self, level: int) -> torch.Tensor:
-        return self._log_norm[level]
+    def log_norm(self, level: int | None = None) -> torch.Tensor:
+        """(K,) of one level, or (L, K) of all levels when `level` is None."""
+        return self._log_norm if level is None else self._log_norm[level]
 
     def parent_prob(self, level: int) -> torch.Tensor:
         return self._parent[level]

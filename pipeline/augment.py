@@ -49,6 +49,14 @@ def view_specs(cfg: DataConfig) -> list[ViewSpec]:
     return specs
 
 
+LINEAR_SCALE = (0.08, 1.0)  # spec 7.1 linear probe: torchvision's default RandomResizedCrop scale
+
+
+def linear_spec(cfg: DataConfig) -> ViewSpec:
+    """The one view of linear-probe training: RandomResizedCrop(image_size) + flip (spec 7.1)."""
+    return ViewSpec(cfg.image_size, LINEAR_SCALE)
+
+
 def blur_window(sigma: float) -> int:
     """Odd kernel diameter for `sigma` (see `BLUR_RADIUS_SIGMAS`)."""
     return 2 * math.ceil(BLUR_RADIUS_SIGMAS * sigma) + 1

@@ -24,9 +24,9 @@ from pipeline.plan import EpochPlan
 READER = "reader"
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill; our shards are globally pre-shuffled already
 # RandomResizedCrop resamples with an antialiased bilinear filter, as PIL's (the reference) does.
-# Off, DALI samples bilinearly without widening the filter when it downscales: 0.4 ms less per
-# 224 px view on a CPU core (bench/pipeline.py --profile), at the price of aliasing in crops
-# shrunk by more than ~1.5x. Kept on: fidelity to the reference augmentation comes first.
+# Off, DALI samples bilinearly without widening the filter when it downscales: 0.25-0.4 ms less
+# per 224 px view on a CPU core (bench/pipeline.py --profile: 7.1 -> 6.6 CPU ms per image), at
+# the price of aliasing in crops shrunk by more than ~1.5x. Kept on: fidelity to the reference.
 TRAIN_ANTIALIAS = True
 _MEAN = [255 * m for m in aug.MEAN]
 _STD = [255 * s for s in aug.STD]
@@ -79,7 +79,8 @@ def _roi_decode(jpg, spec: aug.ViewSpec, device: str):
 
 def _crop_view(jpg, decoded, keep, spec: aug.ViewSpec, device: str):
     """RandomResizedCrop: from the decoded image, or (decoded None) by decoding only the crop
-    region (ROI decode; cheaper on CPU for small crops)."""
+    region (ROI decode: on 2 CPU cores slower than one shared decode for 2 and 6 views of
+    ImageNet-sized JPEGs; see `dali_loader.ROI_DECODE_CPU`)."""
     if decoded is None:
         img = _if_kept(keep, lambda: _roi_decode(jpg, spec, device), lambda: _blank(device))
         return fn.resize(img, size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR,
@@ -117,7 +118,7 @@ def _color(img, brightness, contrast, saturation, hue, device: str = "cpu"):
     return fn.cast(out, dtype=types.UINT8)
 
 
-def _color_blur_flip(img, blur: bool, device: str):
+def _color_blur_flip(img, blur: bool, device: str, colour: bool = True):
     """Spec 5.3 steps 2-6 on one view (uint8 HWC in, float CHW normalised out).
 
     Cost (2-core CPU, bench/pipeline.py --profile): each op runs only on the samples that draw it
@@ -137,7 +138,7 @@ def _color_blur_flip(img, blur: bool, device: str):
     contrast = 1.0 + on * _uniform(-c, c)
     saturation = (1.0 + on * _uniform(-s, s)) * (1.0 - fn.cast(gray, dtype=types.FLOAT))
     hue = on * _uniform(-360 * h, 360 * h)
-    if jitter | gray:
+    if colour and jitter | gray:
         img = _color(img, brightness, contrast, saturation, hue, device)
     out = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD,
                                    mirror=fn.random.coin_flip(probability=aug.P_FLIP))
@@ -151,7 +152,7 @@ def _color_blur_flip(img, blur: bool, device: str):
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep: KeepSource | None,
-                   device: str, reader_seed: int, roi_decode: bool):
+                   device: str, reader_seed: int, roi_decode: bool, colour: bool = True):
     """Outputs: one float CHW view per spec, cls digits, idx digits, and keep flags when `keep`
     is given (without known-corrupt samples the graph has no masking conditional at all)."""
     jpg, cls, idx = reader(plan, reader_seed)
@@ -159,7 +160,8 @@ def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep:
     decoded = None
     if not roi_decode:  # decode once, crop every view from it
         decoded = _if_kept(flags, lambda: _decode(jpg, device), lambda: _blank(device))
-    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur, device) for spec in specs]
+    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur, device, colour)
+             for spec in specs]
     return (*views, cls, idx) if flags is None else (*views, cls, idx, flags)
 
 

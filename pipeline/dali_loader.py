@@ -38,9 +38,10 @@ class DaliLoader(Loader):
     """See `pipeline.loader.build_loader`."""
 
     def __init__(self, cfg: DataConfig, plan: EpochPlan, *, seed: int, epoch: int, start_batch: int,
-                 device: torch.device, roi_decode: bool | None = None) -> None:
+                 device: torch.device, roi_decode: bool | None = None, linear: bool = False) -> None:
         super().__init__(plan, start_batch, device)
         self.cfg = cfg
+        self._linear = linear
         self._gpu = device.type == "cuda"
         self._roi = (ROI_DECODE_GPU if self._gpu else ROI_DECODE_CPU) if roi_decode is None else roi_decode
         self._pipe_seed = derive_seed(seed, epoch, plan.rank, "dali")
@@ -59,7 +60,10 @@ class DaliLoader(Loader):
                       prefetch_queue_depth=2, exec_dynamic=True)
         dev = "gpu" if self._gpu else "cpu"
         keep = self._keep if self._masked else None  # no masking ops until a corrupt sample is seen
-        if self.plan.train:
+        if self._linear:  # crop + flip only (spec 7.1)
+            pipe = graph.train_pipeline(self.plan, [aug.linear_spec(self.cfg)], False, keep, dev,
+                                        self._reader_seed, self._roi, colour=False, **common)
+        elif self.plan.train:
             pipe = graph.train_pipeline(self.plan, aug.view_specs(self.cfg), self.cfg.blur, keep, dev,
                                         self._reader_seed, self._roi, **common)
         else:

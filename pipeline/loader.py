@@ -25,7 +25,7 @@ from shards.format import digits_to_int
 from train.config import DataConfig
 
 log = logging.getLogger(__name__)
-Mode = Literal["train", "eval"]
+Mode = Literal["train", "eval", "linear"]
 _warned_fallback = False
 
 
@@ -116,8 +116,10 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
     Args:
         cfg: data section of the config (backend, sizes, scales, batch sizes, workers).
         split: split name in ``_info.json``.
-        mode: "train" (2 or 6 augmented views, shuffled, drop last) or "eval" (one resized,
-            center-cropped view, stored order, every sample exactly once across ranks).
+        mode: "train" (2 or 6 augmented views, shuffled, drop last), "eval" (one resized,
+            center-cropped view, stored order, every sample exactly once across ranks) or
+            "linear" (linear-probe training, spec 7.1: one RandomResizedCrop scale 0.08-1 + flip
+            view; shuffled and drop last as train).
         rank, world: this rank and the number of ranks.
         epoch, seed: together seed the shard order, the shuffle and every augmentation.
         start_batch: first batch to yield (resume); batches before it are replayed, not yielded.
@@ -126,17 +128,19 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
     Raises:
         ShardFormatError: a missing, truncated or inconsistent shard or manifest (one line).
     """
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if mode not in ("train", "eval", "linear"):
+        raise ValueError(f"mode must be 'train', 'eval' or 'linear', got {mode!r}")
     shards, total = load_shards(cfg.shards, split)
-    train = mode == "train"
+    train = mode != "eval"
     plan = epoch_plan(shards, total, train=train, rank=rank, world=world, epoch=epoch, seed=seed,
                       batch_size=cfg.batch_size if train else cfg.eval_batch_size)
     device = device or default_device()
     if cfg.backend == "dali" and _dali_available():
         from pipeline.dali_loader import DaliLoader
 
-        return DaliLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
+        return DaliLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device,
+                          linear=mode == "linear")
     from pipeline.reference import TorchLoader
 
-    return TorchLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
+    return TorchLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device,
+                       linear=mode == "linear")

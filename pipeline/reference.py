@@ -52,6 +52,12 @@ def view_transform(spec: aug.ViewSpec, blur: bool = True) -> T.Compose:
     return T.Compose(steps)
 
 
+def linear_transform(spec: aug.ViewSpec) -> T.Compose:
+    """Spec 7.1 linear-probe training: RandomResizedCrop + flip -> normalise."""
+    return T.Compose([T.RandomResizedCrop(spec.size, scale=spec.scale), T.RandomHorizontalFlip(p=aug.P_FLIP),
+                      T.ToTensor(), T.Normalize(aug.MEAN, aug.STD)])
+
+
 def eval_transform(image_size: int, resize: int) -> T.Compose:
     """Spec 2.2: Resize(shorter side, bilinear) -> CenterCrop -> normalise."""
     return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
@@ -70,9 +76,12 @@ def rank_samples(plan: EpochPlan, seed: int, epoch: int) -> Iterator[dict]:
 
 
 class _Batches(IterableDataset):
-    def __init__(self, cfg: DataConfig, plan: EpochPlan, seed: int, epoch: int, start_batch: int) -> None:
+    def __init__(self, cfg: DataConfig, plan: EpochPlan, seed: int, epoch: int, start_batch: int,
+                 linear: bool) -> None:
         self.cfg, self.plan, self.seed, self.epoch, self.start = cfg, plan, seed, epoch, start_batch
-        if plan.train:
+        if linear:
+            self.transforms = [linear_transform(aug.linear_spec(cfg))]
+        elif plan.train:
             self.transforms = [view_transform(s, cfg.blur) for s in aug.view_specs(cfg)]
         else:
             self.transforms = [eval_transform(cfg.image_size, cfg.eval_resize)]
@@ -112,9 +121,9 @@ class TorchLoader(Loader):
     """See `pipeline.loader.build_loader`; `cfg.workers` DataLoader workers."""
 
     def __init__(self, cfg: DataConfig, plan: EpochPlan, *, seed: int, epoch: int, start_batch: int,
-                 device: torch.device) -> None:
+                 device: torch.device, linear: bool = False) -> None:
         super().__init__(plan, start_batch, device)
-        self.dataset = _Batches(cfg, plan, seed, epoch, start_batch)
+        self.dataset = _Batches(cfg, plan, seed, epoch, start_batch, linear)
         self.workers = min(cfg.workers, max(1, plan.num_batches - start_batch))
         self._iter = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -39,7 +40,9 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, resu
 
     try:
         dist.init(backend="gloo", timeout_s=120)
-        results.put((rank, "ok", fn(*args)))
+        # Pickled by value: a tensor sent through the queue as-is would be shared by file
+        # descriptor, which races with this process exiting.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # report every failure to the parent, with its traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -65,7 +68,7 @@ def run_on_ranks(fn: Callable, world: int = 2, *args: Any, timeout: float = 180)
             rank, status, value = results.get(timeout=timeout)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value) if status == "ok" else value
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -85,17 +85,17 @@ def test_masks_use_the_right_probabilities_after_several_steps():
         model(batch, protos, epoch=1)
         terms = model.last_terms
         assert torch.equal(terms.queue, queue_before)  # spec 10.9: selection uses the pre-enqueue queue
-        inst = [p for p in sampler.probs if p.shape == (8, 32)]
-        proto = [p for p in sampler.probs if p.shape != (8, 32)]
-        assert len(inst) == 3 and len(proto) == 2  # no mask at the top level
+        inst = [p for p in sampler.probs if p.shape == (3, 8, 32)]  # all levels in one draw
+        proto = [p for p in sampler.probs if p.shape[-1] != 32]
+        assert len(inst) == 1 and len(proto) == 2  # no mask at the top level
+        drawn = sampler.masks[next(i for i, p in enumerate(sampler.probs) if p is inst[0])]
         for lvl in range(3):
             y = protos.im2cluster[lvl][batch.idx]
             assert torch.equal(terms.labels[lvl], y)
             scores = queue_before.t() @ protos.centroids[lvl].t() / protos.density[lvl].clamp_min(1e-3)
             want = (1 - torch.softmax(scores.double(), 1)[:, y].t()).clamp(0, 0.999)
-            torch.testing.assert_close(inst[lvl].double(), want, atol=1e-5, rtol=0)
-            drawn = sampler.masks[next(i for i, p in enumerate(sampler.probs) if p is inst[lvl])]
-            assert terms.inst_masks[lvl] is drawn  # the mask used is the one drawn from these probs
+            torch.testing.assert_close(inst[0][lvl].double(), want, atol=1e-5, rtol=0)
+            assert torch.equal(terms.inst_masks[lvl], drawn[lvl])  # the mask used is the one drawn
         for lvl in range(2):
             u = protos.cluster2cluster[lvl][protos.im2cluster[lvl][batch.idx]]
             a = protos.logits[lvl] / protos.density[lvl + 1]

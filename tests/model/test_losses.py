@@ -42,6 +42,19 @@ def test_all_kept_is_moco_and_all_dropped_is_the_closed_form():
     assert float(removed) == 0.0  # -inf negatives: only the positive remains
 
 
+def test_stacked_levels_equal_level_by_level():
+    z, k, queue = _unit(6, 8), _unit(6, 8, seed=1), _unit(40, 8, seed=2).t()
+    l_pos, l_neg = (z * k).sum(1, keepdim=True), z @ queue
+    keep = torch.rand(3, 6, 40, generator=torch.Generator().manual_seed(4)) < 0.5
+    stacked = losses.instance_logits(l_pos, l_neg, keep, T)
+    assert stacked.shape == (3, 6, 41)
+    per_level = losses.info_nce_levels(stacked)
+    for lvl in range(3):
+        one = losses.instance_logits(l_pos, l_neg, keep[lvl], T)
+        assert torch.equal(stacked[lvl], one)
+        assert abs(float(per_level[lvl]) - float(losses.info_nce(one))) < 1e-6
+
+
 def test_info_nce_closed_form_identical_embeddings():
     z = _unit(4, 8)
     logits = torch.cat([(z * z).sum(1, keepdim=True), (z * z).sum(1, keepdim=True).expand(4, 9)], 1)

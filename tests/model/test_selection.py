@@ -45,6 +45,19 @@ def test_instance_keep_prob_matches_brute_force_and_clip():
     torch.testing.assert_close(selection.instance_keep_prob(queue, cents, dens, labels, cached), got)
 
 
+def test_all_levels_at_once_equal_level_by_level():
+    protos = make_prototypes()
+    queue = F.normalize(torch.randn(16, 24), dim=0)
+    labels = [y[:5] for y in protos.im2cluster]
+    norms = torch.stack([selection.queue_log_normalizer(queue, c, d)
+                         for c, d in zip(protos.centroids, protos.density, strict=True)])
+    stacked = selection.instance_keep_prob_levels(queue, protos.centroids, protos.density, labels, norms)
+    assert stacked.shape == (3, 5, 24)
+    for lvl in range(3):
+        one = selection.instance_keep_prob(queue, protos.centroids[lvl], protos.density[lvl], labels[lvl])
+        torch.testing.assert_close(stacked[lvl], one)
+
+
 def test_proto_keep_prob_matches_brute_force_and_clip():
     protos = make_prototypes()
     for lvl in range(protos.num_levels - 1):

@@ -66,3 +66,22 @@ def test_dali_and_torch_agree_in_eval(jpeg_shards):
     assert diff.mean().item() < PARITY_MAX_MEAN_ABS, diff.mean().item()
     per_image = diff.mean(dim=(1, 2, 3))
     assert per_image.max().item() < PARITY_MAX_MEAN_ABS  # no single image off (crop, channels)
+
+
+def _eval_on_rank(folder: str) -> list[int]:
+    """One real gloo rank: its eval loader's idx, then everyone's via `dist.all_gather_object`."""
+    from train import dist
+
+    cfg = config(folder, "dali", eval_batch_size=32)
+    with build_loader(cfg, split="train", mode="eval", rank=dist.rank(), world=dist.world(), epoch=0,
+                      seed=0) as loader:
+        mine = [i for b in loader for i in b.idx.tolist()]
+        assert len(loader) == math.ceil(math.ceil(FMNIST_TRAIN / dist.world()) / 32)
+    return sorted(i for part in dist.all_gather_object(mine) for i in part)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_eval_exactly_once_on_real_ranks(fmnist_shards, dist_run):
+    results = dist_run(_eval_on_rank, 2, str(fmnist_shards))
+    assert results[0] == results[1] == list(range(FMNIST_TRAIN))

@@ -128,3 +128,25 @@ def test_batches_stay_valid_after_later_batches(fmnist_shards, backend):
     for batch, views, idx in held:
         assert torch.equal(batch.idx, idx)
         assert all(torch.equal(v, c) for v, c in zip(batch.views, views, strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_mode_is_crop_and_flip_only(fmnist_shards, coordinate_shards, backend):
+    """mode="linear" (linear probe, spec 7.1): one RandomResizedCrop + flip view, no colour ops."""
+    cfg = config(fmnist_shards, backend)
+    batches = collect(cfg, mode="linear", world=2, rank=1)
+    assert len(batches) == FMNIST_TRAIN // (2 * 16)
+    labels = shard_labels(fmnist_shards)
+    assert all(len(b.views) == 1 and b.views[0].shape == (16, 3, 32, 32) for b in batches)
+    assert all(torch.equal(b.cls, labels[b.idx]) for b in batches)
+    # on the coordinate image (red = column, green = row, blue = 0) pixels keep their values:
+    # blue stays 0 (any colour op mixes channels) and red runs monotonically along each row
+    cfg = config(coordinate_shards, backend, image_size=64, eval_resize=64, batch_size=4)
+    views = torch.cat([b.views[0] for b in collect(cfg, mode="linear")])
+    rgb = (views * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+    assert rgb[:, 2].abs().max() < 4  # JPEG noise only
+    steps = rgb[:, 0, :, 1:] - rgb[:, 0, :, :-1]
+    assert all(((s > -2).all() or (s < 2).all()) for s in steps)  # flipped or not, never jittered
+    colour = torch.cat([b.views[0] for b in collect(cfg)])  # train mode: colour ops do show
+    colour_rgb = (colour * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+    assert colour_rgb[:, 2].abs().amax(dim=(1, 2)).max() > 20
