@@ -44,7 +44,7 @@ def setup_logging(run_dir: str | Path | None, *, rank: int | None = None,
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     # Libraries that log chatty INFO lines on every rank.
-    for name in ("DeepSpeed", "deepspeed"):
+    for name in ("DeepSpeed", "deepspeed", "compilers", "distutils"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
