@@ -74,6 +74,8 @@ class DaliLoader(Loader):
 
     def __iter__(self):
         self.close()
+        if self.start_batch >= self.plan.num_batches:  # resumed at the very end of the epoch
+            return
         self._pipe = self._build()
         for j in range(self.plan.num_batches):
             outs = self._run(j)
