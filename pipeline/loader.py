@@ -77,12 +77,25 @@ class Loader:
         log.warning("corrupt image skipped: shard %s key %s (%s)", shard, key, reason)
         self.skipped_samples.append(SkippedSample(shard, key, reason))
 
+    def _refill(self, kept: int) -> torch.Tensor:
+        """Row order that brings a train batch that lost corrupt samples back to full size.
+
+        A skipped sample must not shorten a train batch: every rank all-gathers equal-sized keys
+        for the queue (model/momentum.py), so its slot repeats a kept sample of the same batch.
+        """
+        if kept == 0:
+            raise RuntimeError(f"every sample of a train batch on rank {self.plan.rank} is corrupt; "
+                               "run `hcsc-shards verify --decode` on the shards")
+        return torch.arange(self.plan.batch_size) % kept
+
     def _batch(self, views: list[torch.Tensor], cls_digits: torch.Tensor, idx_digits: torch.Tensor,
                rows: torch.Tensor) -> Batch:
         """Keep `rows` (bool [B]: real, decodable samples) and move everything to the device."""
         nb = self.device.type == "cuda"
         if not rows.all():  # the common case keeps every row and copies nothing
             keep = rows.nonzero().squeeze(1)
+            if self.plan.train:
+                keep = keep[self._refill(keep.numel())]
             views = [v.index_select(0, keep.to(v.device)) for v in views]
             idx_digits, cls_digits = idx_digits.index_select(0, keep), cls_digits.index_select(0, keep)
         return Batch([v.to(self.device, non_blocking=nb) for v in views],

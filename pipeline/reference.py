@@ -139,6 +139,9 @@ class TorchLoader(Loader):
             _, views, cls, idx, skipped = pending.pop(j)
             for shard, key, reason in skipped:
                 self._record_skip(shard, key, reason)
+            if self.plan.train and len(idx) < self.plan.batch_size:
+                rows = self._refill(len(idx))
+                views, cls, idx = [v[rows] for v in views], cls[rows], idx[rows]
             nb = self.device.type == "cuda"
             yield Batch([v.to(self.device, non_blocking=nb) for v in views],
                         idx.to(self.device, non_blocking=nb), cls.to(self.device, non_blocking=nb))
