@@ -83,6 +83,11 @@ def test_each_failure_names_the_key(overrides, key, words):
     assert key in message and words in message
 
 
+def test_moco_baseline_needs_no_warmup_check():
+    cfg = load_config(None, ["hcsc.enabled=false", "hcsc.warmup_epochs=500"])
+    assert not cfg.hcsc.enabled
+
+
 def test_queue_check_uses_the_world_size():
     load_config(None, ["data.batch_size=64", "model.queue_size=256"], world=4)
     with pytest.raises(ConfigError, match="queue size 256 is not divisible by the global batch 384"):

@@ -84,6 +84,7 @@ class ModelConfig:
 
 @dataclass
 class HCSCConfig:
+    enabled: bool = True  # False: plain MoCo v2 with the same code (no clustering, no prototype loss)
     num_clusters: list[int] = field(default_factory=lambda: [3000, 2000, 1000])  # fine -> coarse
     warmup_epochs: int = 20  # epochs of plain MoCo v2 before clustering starts (spec 2.1)
     instance_selection: bool = True  # ICSC, spec 3
@@ -210,9 +211,9 @@ def validate(cfg: Config, world: int) -> None:
     sizes = cfg.hcsc.num_clusters
     _require(all(a > b for a, b in zip(sizes, sizes[1:], strict=False)), "hcsc.num_clusters",
              f"cluster sizes must be strictly decreasing (fine to coarse), got {sizes}")
-    _require(cfg.hcsc.warmup_epochs < cfg.optim.epochs, "hcsc.warmup_epochs",
+    _require(not cfg.hcsc.enabled or cfg.hcsc.warmup_epochs < cfg.optim.epochs, "hcsc.warmup_epochs",
              f"warmup {cfg.hcsc.warmup_epochs} must be < optim.epochs {cfg.optim.epochs} "
-             "(use hcsc.warmup_epochs=<epochs> only for a pure MoCo v2 run via selection flags)")
+             "(for plain MoCo v2 set hcsc.enabled=false)")
 
 
 def _world_from_env() -> int:

@@ -42,7 +42,7 @@ def run(cfg: Config) -> int:
         # Clustering at the start of every epoch from the warm-up on (spec 2.1); a mid-epoch
         # resume keeps the prototypes saved with the checkpoint.
         prototypes = point.prototypes if point.batch_in_epoch else None
-        if epoch >= cfg.hcsc.warmup_epochs and prototypes is None:
+        if cfg.hcsc.enabled and epoch >= cfg.hcsc.warmup_epochs and prototypes is None:
             prototypes = _cluster(engine.module, cfg, epoch, num_samples, previous=point.prototypes)
         point.prototypes = prototypes
         engine.set_lr(lr_at(cfg, epoch, dist.world()))
