@@ -77,12 +77,13 @@ def random_init_checkpoint(out: Path, seed: int) -> Path:
 
 
 def evaluate(checkpoint: Path, shards: Path, out: Path, name: str, linear_epochs: int) -> dict[str, float]:
-    common = ["--checkpoint", str(checkpoint), "--encoder", "resnet18_small_w16", "--image-size", "32",
-              "--resize", "32", "--train-shards", str(shards), "--val-shards", str(shards)]
+    base = ["--checkpoint", str(checkpoint), "--encoder", "resnet18_small_w16", "--image-size", "32",
+            "--resize", "32"]
+    common = [*base, "--train-shards", str(shards), "--val-shards", str(shards)]
     knn = _last_json(_run([str(BIN / "hcsc-eval"), "knn", *common, "--k", "200", "--T", "0.07"],
                           out / f"{name}.knn.log"))
-    clus = _last_json(_run([str(BIN / "hcsc-eval"), "cluster", *common, "--num-clusters", "10"],
-                           out / f"{name}.cluster.log"))
+    clus = _last_json(_run([str(BIN / "hcsc-eval"), "cluster", *base, "--shards", str(shards),
+                            "--split", "val", "--num-clusters", "10"], out / f"{name}.cluster.log"))
     lin = _last_json(_run([str(BIN / "hcsc-eval"), "linear", *common, "--out", str(out / f"{name}-linear"),
                            "--epochs", str(linear_epochs), "--batch-size", "256",
                            "--milestones", f"{int(linear_epochs * 0.6)},{int(linear_epochs * 0.8)}"],

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.hierarchy import HierarchyResult
 from cluster.prototypes import Prototypes
 from train import dist
 
@@ -87,7 +88,7 @@ def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, k
     client_state = {"format_version": FORMAT_VERSION, "epoch": point.epoch,
                     "batch_in_epoch": point.batch_in_epoch, "global_step": point.global_step,
                     "config_yaml": config_yaml,
-                    "prototypes": point.prototypes.state_dict() if point.prototypes else None}
+                    "prototypes": _prototypes_state(point.prototypes)}
     engine.save(str(root), tmp_tag, client_state)
     torch.save(_rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
     if dist.is_main() and official_state_dict is not None:
@@ -122,6 +123,27 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _prototypes_state(prototypes: Prototypes | None) -> dict | None:
+    """The epoch's prototypes, plus the raw centroids that `cluster.warm_start` starts from, so a
+    resumed run clusters exactly as the uninterrupted one would."""
+    if prototypes is None:
+        return None
+    state = prototypes.state_dict()
+    if getattr(prototypes, "raw_centroids", None):
+        state["raw_centroids"] = prototypes.raw_centroids
+    return state
+
+
+def _prototypes_from_state(state: dict | None, device: torch.device) -> Prototypes | None:
+    if state is None:
+        return None
+    state = dict(state)
+    raw = state.pop("raw_centroids", None)
+    if raw is None:
+        return Prototypes(**state).to(device)
+    return HierarchyResult(**state, raw_centroids=raw).to(device)
+
+
 def resolve(run_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint folder to resume from for `run.resume` (auto | none | path), or None."""
     if resume == "none":
@@ -151,6 +173,6 @@ def load(engine, path: Path, device: torch.device) -> tuple[ResumePoint, str]:
     protos = client_state.get("prototypes")
     point = ResumePoint(epoch=client_state["epoch"], batch_in_epoch=client_state["batch_in_epoch"],
                         global_step=client_state["global_step"],
-                        prototypes=Prototypes(**protos).to(device) if protos else None)
+                        prototypes=_prototypes_from_state(protos, device))
     log.info("resumed from %s: epoch %d, batch %d", path, point.epoch, point.batch_in_epoch)
     return point, client_state["config_yaml"]
