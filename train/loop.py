@@ -62,6 +62,7 @@ def run(cfg: Config) -> int:
         metrics.write("final", point.global_step, final)
         log.info("final: " + " ".join(f"{k}={v:.2f}" for k, v in final.items()))
     metrics.close()
+    log.info("done: run directory %s (config.yaml, metrics.jsonl, logs/, tb/, checkpoints/)", run_dir)
     return 0
 
 
