@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from shards.format import FORMAT_VERSION, INFO_NAME, index_name, write_json_atomic
+from shards.format import (
+    FORMAT_VERSION,
+    INFO_NAME,
+    ShardFormatError,
+    index_name,
+    read_info,
+    write_json_atomic,
+)
 
 
 class BuildError(ValueError):
@@ -23,17 +29,12 @@ class BuildError(ValueError):
 
 def load_manifest(out: Path) -> dict:
     """The folder's manifest, ``{}`` when there is none; a bad one is an error, never overwritten."""
-    path = out / INFO_NAME
-    if not path.is_file():
+    if not (out / INFO_NAME).is_file():
         return {}
     try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BuildError(f"{path}: unreadable manifest ({err}); move it away or use another --out") from None
-    if info.get("format_version") != FORMAT_VERSION:
-        raise BuildError(f"{path}: format_version {info.get('format_version')!r}, this tool writes "
-                         f"{FORMAT_VERSION}; build into another --out")
-    return info
+        return read_info(out)
+    except ShardFormatError as err:
+        raise BuildError(f"{err}; move it away or build into another --out") from None
 
 
 @contextlib.contextmanager
