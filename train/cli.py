@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  hcsc-train --config configs/demo_fmnist.yaml\n"
                "  torchrun --nproc_per_node=8 -m train.cli --config configs/hcsc_r50_200ep.yaml "
                "data.shards=/data/in1k/train\n"
-               "  deepspeed --hostfile hosts train/cli.py --config configs/hcsc_r50_200ep.yaml",
+               "  deepspeed --hostfile hosts --module train.cli --config configs/hcsc_r50_200ep.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/); schema: train/config.py")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

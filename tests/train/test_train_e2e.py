@@ -41,17 +41,22 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _command(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
+def _command(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1,
+             launcher: str = "torchrun") -> list[str]:
     args = ["--config", str(DEBUG), f"data.shards={shards}", f"run.output_dir={run_dir}", *overrides]
     if ranks == 1:
         return [sys.executable, "-m", "train.cli", *args]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={ranks}",
+                f"--master_port={free_port()}", "--module", "train.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
             f"--master_port={free_port()}", "-m", "train.cli", *args]
 
 
-def _train(shards, run_dir, *overrides, ranks=1, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(shards, run_dir, *overrides, ranks=ranks), env=_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def _train(shards, run_dir, *overrides, ranks=1, launcher="torchrun",
+           timeout=600) -> subprocess.CompletedProcess:
+    cmd = _command(shards, run_dir, *overrides, ranks=ranks, launcher=launcher)
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -81,6 +86,13 @@ def test_two_ranks_cross_the_warmup_boundary(fmnist_shards, tmp_path):
     assert 0 <= final["knn_top1"] <= 100 and 0 <= final["val_nmi"] <= 1
     assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_deepspeed_launcher_runs_two_ranks(fmnist_shards, tmp_path):
+    _train(fmnist_shards, tmp_path / "run", "optim.epochs=2", ranks=2, launcher="deepspeed")
+    assert [r["step"] for r in _records(tmp_path / "run")] == list(range(1, 9))
+    assert _records(tmp_path / "run", "final")
+    assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
 
 
 def test_golden_losses(fmnist_shards, tmp_path):
