@@ -5,6 +5,7 @@ checkpoint when due (and on SIGTERM/SIGINT) -> final evaluation."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -30,6 +31,9 @@ def run(cfg: Config) -> int:
     dist.init(timeout_s=cfg.engine.collective_timeout_s)
     run_dir = rundir.prepare(cfg)
     setup_logging(run_dir)
+    log.info("rank %d of %d on %s; a dead rank fails the others' collectives after %ss "
+             "(engine.collective_timeout_s)", dist.rank(), dist.world(), dist.device(),
+             cfg.engine.collective_timeout_s)
     metrics = MetricsWriter(run_dir)
     rundir.seed_everything(cfg.run.seed, per_rank=False)
     model = HCSC(cfg.model, cfg.hcsc, multi_crop=cfg.data.multi_crop)
@@ -111,6 +115,7 @@ def _train_epoch(engine: Engine, cfg: Config, epoch: int, point: checkpoint.Resu
             meter.data_ready()
             out = engine.train_step(batch, point.prototypes, epoch)
             point.batch_in_epoch, point.global_step = k + 1, point.global_step + 1
+            _test_crash_hook(point.global_step)
             meter.step_done(len(batch) * dist.world())
             bar.update(1)
             if point.global_step % cfg.run.log_every == 0 or k + 1 == total:
@@ -126,6 +131,14 @@ def _train_epoch(engine: Engine, cfg: Config, epoch: int, point: checkpoint.Resu
     point.epoch, point.batch_in_epoch = epoch + 1, 0
     log.info("epoch %d done: %s", epoch, " ".join(f"{k}={v:.3g}" for k, v in meter.summary().items()))
     return False
+
+
+def _test_crash_hook(step: int) -> None:
+    """HCSC_TEST_DIE_AT=rank:step makes that rank die abruptly after that step (tests of the
+    dead-rank behaviour: the job must exit non-zero, never hang)."""
+    target = os.environ.get("HCSC_TEST_DIE_AT")
+    if target and target == f"{dist.rank()}:{step}":
+        os._exit(17)
 
 
 def _save(engine: Engine, cfg: Config, point: checkpoint.ResumePoint) -> None:

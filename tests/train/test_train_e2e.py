@@ -95,6 +95,15 @@ def test_deepspeed_launcher_runs_two_ranks(fmnist_shards, tmp_path):
     assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
 
 
+def test_a_dead_rank_ends_the_job_with_an_error(fmnist_shards, tmp_path):
+    env = _env() | {"HCSC_TEST_DIE_AT": "1:3"}
+    start = time.time()
+    proc = subprocess.run(_command(fmnist_shards, tmp_path / "run", "engine.collective_timeout_s=60",
+                                   ranks=2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 240
+    assert max(r["step"] for r in _records(tmp_path / "run")) <= 4  # it stopped, it did not go on
+
+
 def test_golden_losses(fmnist_shards, tmp_path):
     _train(fmnist_shards, tmp_path / "run", "eval.knn_every=0")
     losses = [r["loss"] for r in _records(tmp_path / "run")]
