@@ -160,7 +160,7 @@ class _Throughput:
         self.wait += now - self.mark
 
     def step_done(self, images: int) -> None:
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # so the wait for the next batch is not hidden GPU work
             torch.cuda.synchronize()
         self.images += images
         self.mark = time.perf_counter()
