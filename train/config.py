@@ -84,7 +84,6 @@ class ModelConfig:
 
 @dataclass
 class HCSCConfig:
-    enabled: bool = True  # False: plain MoCo v2 with the same code (no clustering, no prototype loss)
     num_clusters: list[int] = field(default_factory=lambda: [3000, 2000, 1000])  # fine -> coarse
     warmup_epochs: int = 20  # epochs of plain MoCo v2 before clustering starts (spec 2.1)
     instance_selection: bool = True  # ICSC, spec 3
@@ -94,6 +93,7 @@ class HCSCConfig:
     remove_dropped_negatives: bool = False  # True: dropped negatives are -inf, not logit 0
     fix_last_prototype: bool = False  # True: the last prototype id can be a negative (PCL #20)
     average_instance_loss: bool = False  # True: instance loss averaged over levels, not summed
+    enabled: bool = True  # False: plain MoCo v2 with the same code (no clustering, no prototype loss)
 
     def __post_init__(self) -> None:
         _require(len(self.num_clusters) >= 1, "hcsc.num_clusters", "needs at least one level")
