@@ -133,6 +133,26 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(tensors, file, kind, epoch, config_yaml)
 
 
+def stored_eval_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(data.image_size, data.eval_resize) of the run that wrote `path` (our checkpoints only), so
+    evaluating a 32 px run does not default to ImageNet's 224/256."""
+    try:
+        file = resolve(path)
+    except CheckpointError:
+        return None
+    if file.parent.parent.name != "checkpoints":
+        return None
+    text = _run_config(file)
+    if not text:
+        return None
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.create(text).get("data", {})
+    if "image_size" not in data or "eval_resize" not in data:
+        return None
+    return int(data["image_size"]), int(data["eval_resize"])
+
+
 def _run_config(model_file: Path) -> str | None:
     config = model_file.parent.parent.parent / "config.yaml"  # RUN/checkpoints/<tag>/file
     return config.read_text() if config.is_file() else None

@@ -39,8 +39,10 @@ def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str 
                    "or an exported torchvision trunk")
     p.add_argument("--encoder", default=None, help="encoder registry name (default: from our checkpoint's "
                    "config, else resnet50)")
-    p.add_argument("--image-size", type=int, default=224, help="center crop side, px (spec 7.1: 224)")
-    p.add_argument("--resize", type=int, default=256, help="shorter side before the crop, px (spec 7.1: 256)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="center crop side, px (default: the run's data.image_size, else 224 as spec 7.1)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per rank per step")
     p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="data pipeline backend")
     p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers per rank")
@@ -100,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _loader_args(args: argparse.Namespace) -> dict:
-    return {"backend": args.backend, "image_size": args.image_size, "resize": args.resize,
+    from evaluate.checkpoints import stored_eval_sizes
+
+    stored = stored_eval_sizes(args.checkpoint) or (224, 256)
+    image_size = args.image_size or stored[0]
+    resize = args.resize or max(stored[1], image_size)
+    return {"backend": args.backend, "image_size": image_size, "resize": resize,
             "batch_size": args.batch_size, "workers": args.workers}
 
 
