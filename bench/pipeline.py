@@ -13,7 +13,6 @@ Usage: python bench/pipeline.py [--full] [--profile]. The last output line is th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import resource
@@ -28,6 +27,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from realdata import foolbox_jpegs  # noqa: E402  (bench/realdata.py)
+
 from pipeline import augment as aug  # noqa: E402
 from pipeline import build_loader, dali_graph, dali_loader  # noqa: E402
 from pipeline.reference import view_transform  # noqa: E402
@@ -37,13 +38,6 @@ from train.config import DataConfig  # noqa: E402
 OUT = ROOT / "bench" / "out" / "pipeline"
 SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (400, 500), (500, 500), (640, 480)]
 GOAL = 2.0
-
-
-def foolbox_jpegs() -> list[Path]:
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or spec.origin is None:
-        sys.exit("bench/pipeline.py: foolbox is not installed; run scripts/setup.sh")
-    return sorted((Path(spec.origin).parent / "data").glob("imagenet_*.jpg"))
 
 
 def make_images(n: int) -> Path:

@@ -20,7 +20,6 @@ The last line of output is one JSON object (design.md section 5).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -37,17 +36,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import webdataset as wds  # noqa: E402
+from realdata import foolbox_jpegs  # noqa: E402  (bench/realdata.py)
 
 from shards.build import build_shards  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def foolbox_jpegs() -> list[Path]:
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or spec.origin is None:
-        sys.exit("foolbox not installed: run scripts/setup.sh (pip install --no-deps foolbox)")
-    return sorted((Path(spec.origin).parent / "data").glob("imagenet_*.jpg"))
 
 
 def make_folder(n: int) -> Path:

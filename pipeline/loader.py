@@ -11,6 +11,7 @@ its own and skips the first k batches before decoding).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ class SkippedSample:
     reason: str
 
 
-class Loader:
+class Loader(abc.ABC):
     """Iterable of `Batch`; ``len()`` is batches per epoch per rank (equal on every rank).
 
     Attributes:
@@ -61,9 +62,11 @@ class Loader:
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[Batch]:
-        raise NotImplementedError
+        """Batches `start_batch` .. `len(self) - 1` of the epoch."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release threads and buffers (DALI pipelines, DataLoader workers)."""
 
