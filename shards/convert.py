@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ TAIL_BYTES = 1 << 12
 COPYABLE_SOF = {0xC0, 0xC1, 0xC2}
 ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_MARKER = struct.Struct(">BBH")  # 0xFF, marker, segment length (meaningless for length-less markers)
+_SOF = struct.Struct(">BHHB")  # precision, height, width, components
 
 
 class InputError(ValueError):
@@ -46,24 +49,21 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     """Marker segments of a JPEG up to its first scan; None when `data` does not hold them all."""
     if data[:2] != b"\xff\xd8":
         return None
-    pos, sof = 2, None
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
+    pos, sof, end = 2, None, len(data)
+    while pos + 4 <= end:
+        prefix, marker, seglen = _MARKER.unpack_from(data, pos)  # one call: this loop runs per input
+        if prefix != 0xFF:
             return None
-        marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
-            continue
-        if marker == 0xDA:
+        elif marker == 0xDA:
             return JpegHeader(*sof, pos) if sof else None
-        seglen = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in ALL_SOF and pos + 10 <= len(data):
-            sof = (marker, data[pos + 4], int.from_bytes(data[pos + 5:pos + 7], "big"),
-                   int.from_bytes(data[pos + 7:pos + 9], "big"), data[pos + 9])
-        pos += 2 + seglen
+        else:
+            if marker in ALL_SOF and pos + 10 <= end:
+                sof = (marker, *_SOF.unpack_from(data, pos + 4))
+            pos += 2 + seglen
     return None
 
 
@@ -98,6 +98,11 @@ def probe_file(path: str, max_side: int | None = None) -> str:
     except OSError as err:
         return f"skip:unreadable file ({err.strerror})"
     return probe_bytes(data, max_side)
+
+
+def probe_files(paths: list[str], max_side: int | None = None) -> list[str]:
+    """`probe_file` for a batch of paths (one task for a worker pool)."""
+    return [probe_file(path, max_side) for path in paths]
 
 
 def probe_bytes(data: bytes, max_side: int | None = None) -> str:

@@ -135,8 +135,9 @@ def _list_imagefolder(root: Path, spec: dict) -> Listing:
         found = 0
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, root)  # once per folder: relpath costs ~20 us a call
             for fname in sorted(filenames):
-                rel = os.path.relpath(os.path.join(dirpath, fname), root)
+                rel = os.path.join(rel_dir, fname)
                 if _is_image(fname):
                     listing.inputs.append(rel)
                     listing.labels.append(cls)
@@ -204,9 +205,9 @@ def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
 
 
 def _digest(root: Path, listing: Listing) -> str:
-    h = hashlib.sha256()
-    for rel, cls in zip(listing.inputs, listing.labels, strict=True):
-        h.update(os.fsencode(f"{rel}\0{cls}\0{os.stat(root / rel).st_size}\n"))
+    h, base = hashlib.sha256(), os.fspath(root)
+    for rel, cls in zip(listing.inputs, listing.labels, strict=True):  # str joins: pathlib is slower
+        h.update(os.fsencode(f"{rel}\0{cls}\0{os.stat(os.path.join(base, rel)).st_size}\n"))
     return h.hexdigest()
 
 

@@ -58,15 +58,20 @@ def _template() -> bytes:
 
 _TEMPLATE = _template()
 _NUL = bytes(BLOCK)
+# The header checksum is the byte sum of the header with its own field as spaces. Everything but the
+# name and size fields is fixed, so their contribution is summed once here (summing 512 bytes per
+# member cost a tenth of the copy path).
+_FIXED_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:])
 
 
 def tar_member(name: str, data: bytes) -> list[bytes]:
     """Header, data and zero padding of one USTAR member, byte-identical to `tarfile`'s output."""
     header = bytearray(_TEMPLATE)
-    header[0:100] = name.encode("ascii").ljust(100, b"\0")  # names are 16 ASCII characters
-    header[124:136] = b"%011o\0" % len(data)
-    header[148:156] = b"        "  # the checksum is computed with its own field as spaces
-    header[148:155] = b"%06o\0" % sum(header)
+    encoded_name = name.encode("ascii")  # names are 16 ASCII characters
+    size_field = b"%011o\0" % len(data)
+    header[0:len(encoded_name)] = encoded_name  # the template's name field is all NUL
+    header[124:136] = size_field
+    header[148:155] = b"%06o\0" % (_FIXED_SUM + sum(encoded_name) + sum(size_field))
     return [bytes(header), data, _NUL[: -len(data) % BLOCK]]
 
 
