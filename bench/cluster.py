@@ -14,6 +14,7 @@ exists (the increment is what clustering itself holds). Time excludes data gener
 
 Usage: python bench/cluster.py            (~2 min on 2 cores: N=20k, nredo 2)
        python bench/cluster.py --full     (N=200k, niter 20, nredo 5: the recorded numbers)
+       --prune-ablation adds ours on 1 rank with cluster.prune=false (every row searched).
 Last line: one JSON object (design.md section 5).
 """
 
@@ -142,7 +143,7 @@ def _ours_worker(rank: int, world: int, port: int, args: dict, queue) -> None:
     base = _rss_mb()
     lo, hi = rank * args["n"] // world, (rank + 1) * args["n"] // world
     feats, idx = planted_rows(lo, hi), torch.arange(lo, hi)
-    cfg = ClusterConfig(niter=args["niter"], nredo=args["nredo"])
+    cfg = ClusterConfig(niter=args["niter"], nredo=args["nredo"], prune=args.get("prune", True))
     dist.barrier()
     t0 = time.perf_counter()
     protos = hierarchical_kmeans(idx, feats, num_samples=args["n"], num_clusters=LEVELS, cfg=cfg,
@@ -151,8 +152,9 @@ def _ours_worker(rank: int, world: int, port: int, args: dict, queue) -> None:
     result = {"seconds": time.perf_counter() - t0, "objective": [s.final_objective for s in protos.stats],
               "level_s": [s.seconds for s in protos.stats],
               "iterations": [s.iterations for s in protos.stats],
+              "searched": [round(s.searched, 3) for s in protos.stats],
               "base_mb": base, "peak_mb": _peak_mb()}
-    if world == 1 and args["warm"]:
+    if world == 1 and args["warm"] and args.get("prune", True):
         result.update(_warm_start(feats, idx, protos, cfg, args))
     queue.put((rank, result))
     dist.shutdown()
@@ -212,6 +214,8 @@ def main() -> None:
                         help="skip the second reference run with faiss >= 1.8 early stopping")
     parser.add_argument("--warm-baseline", action="store_true",
                         help="also run the faithful cold clustering on the drifted features")
+    parser.add_argument("--prune-ablation", action="store_true",
+                        help="also run ours on 1 rank with cluster.prune=false (every row searched)")
     opts = parser.parse_args()
     args = {"n": opts.n or (200_000 if opts.full else 20_000), "nredo": opts.nredo or (5 if opts.full else 2),
             "niter": opts.niter, "threads": os.cpu_count() or 1, "warm": not opts.no_warm,
@@ -226,13 +230,19 @@ def main() -> None:
               f"(faiss {ref['es_faiss_s']:.1f}s), objective {ref['es_objective']}", flush=True)
     one = _spawn(_ours_worker, 1, args)[0]
     print(f"ours 1 rank: {one['seconds']:.1f}s (levels {[round(s, 2) for s in one['level_s']]}, "
-          f"kept restarts' iterations {one['iterations']}), "
+          f"kept restarts' iterations {one['iterations']}, fraction of row searches needed "
+          f"{one['searched']}), "
           f"objective {one['objective']}, peak {one['peak_mb']:.0f} MB (base {one['base_mb']:.0f})",
           flush=True)
     if args["warm"]:
         print(f"warm start on drifted features: {one['warm_seconds']:.1f}s objective {one['warm_objective']}"
               + (f"; faithful cold on the same: {one['cold_seconds']:.1f}s objective {one['cold_objective']}"
                  if "cold_seconds" in one else ""), flush=True)
+    if opts.prune_ablation:
+        unpruned = _spawn(_ours_worker, 1, {**args, "prune": False, "warm": False})[0]
+        print(f"ours 1 rank, cluster.prune=false: {unpruned['seconds']:.1f}s "
+              f"(levels {[round(s, 2) for s in unpruned['level_s']]}), objective {unpruned['objective']}",
+              flush=True)
     two = _spawn(_ours_worker, 2, args)
     for r, res in enumerate(two):
         print(f"ours 2 ranks, rank {r}: {res['seconds']:.1f}s, peak {res['peak_mb']:.0f} MB "
@@ -245,6 +255,7 @@ def main() -> None:
         "unit": "s", "ratio": round(ratio, 3), "goal": 2.0, "meets_goal": ratio >= 2.0,
         "n": args["n"], "nredo": args["nredo"], "niter": args["niter"],
         "objective_rel_diff": abs(one["objective"][0] - ref["objective"][0]) / ref["objective"][0],
+        "searched_fraction": one["searched"], "iterations": one["iterations"],
         "ref_faiss_s": round(ref["faiss_s"], 2), "ref_python_post_s": round(ref["post_s"], 3),
         "two_rank_s": round(max(r["seconds"] for r in two), 2),
         "mem_increment_mb_1rank": round(inc_one, 1), "mem_increment_mb_2rank": round(inc_two, 1),
@@ -252,6 +263,9 @@ def main() -> None:
         "peak_rss_ratio": round(max(r["peak_mb"] for r in two) / one["peak_mb"], 3),
         "mem_goal": 0.6, "mem_meets_goal": inc_two / inc_one <= 0.6,
     }
+    if opts.prune_ablation:
+        summary["ours_unpruned"] = round(unpruned["seconds"], 2)
+        summary["prune_speedup"] = round(unpruned["seconds"] / one["seconds"], 3)
     if "es_seconds" in ref:
         summary["baseline_faiss_early_stop"] = round(ref["es_seconds"], 2)
         summary["ratio_vs_faiss_early_stop"] = round(ref["es_seconds"] / one["seconds"], 3)

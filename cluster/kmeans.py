@@ -22,9 +22,16 @@ identically on the host. What is reproduced from faiss/Clustering.cpp `train_enc
   every iteration reproduces the same centroids exactly, so the result equals running all
   `niter` iterations (the official faiss 1.7 did; faiss >= 1.8 stops on an unchanged objective).
 
+Beyond faiss, on the CPU (`prune`, on by default): `BoundedAssignment` searches only the rows whose
+nearest centroid may have changed (distance bounds; the others provably keep their label), and
+`LocalSums` updates the sums by the rows that moved. At 200k rows into 3000 clusters this halves the
+searches of a restart.
+
 Deliberate differences, all within float tolerance: sums are accumulated in float64 (faiss: float32
 in row order), so centroids may differ from faiss in the last bits and the objective is a float64
-sum; the assignment search itself is the same faiss index type.
+sum; the assignment search itself is the same faiss index type. A row whose two nearest centroids
+are within float rounding of each other may get the other one of the two: faiss's own choice there
+depends on the row's position in its search block (see `BoundedAssignment`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ from train import dist
 log = logging.getLogger(__name__)
 
 _SUM_CHUNK = 65536  # rows per float64 chunk when summing (bounds the temporary copy)
+# Rows per CPU faiss search call. faiss's flat search multiplies blocks of up to 4096 queries by
+# 1024 centroids (a 16 MB float block per call, whatever the dataset size); 1024-row calls bound it
+# at 4 MB. The distances are faiss's own either way, up to float rounding that depends on a row's
+# position in the block (faiss itself is not position-independent: see `BoundedAssignment`).
+_SEARCH_CHUNK = 1024
 
 
 @dataclass
@@ -56,6 +68,7 @@ class KMeansResult:
     nsplit: int  # empty-cluster splits over the kept restart
     num_train: int  # rows used for training (after subsampling)
     iterations: int = 0  # Lloyd iterations run by the kept restart (fewer than niter once converged)
+    searched: float = 1.0  # fraction of this rank's row assignments that needed a search (pruning)
 
 
 class Searcher:
@@ -88,8 +101,124 @@ class Searcher:
         if self._gpu:
             dis, lab = self.index.search(x.contiguous(), 1)
             return dis[:, 0], lab[:, 0]
-        dis, lab = self.index.search(np.ascontiguousarray(x.detach().cpu().numpy()), 1)
-        return (torch.from_numpy(dis[:, 0]).to(x.device), torch.from_numpy(lab[:, 0]).to(x.device))
+        dis, lab = self.search_numpy(np.ascontiguousarray(x.detach().cpu().numpy()), 1)
+        return torch.from_numpy(dis[:, 0]).to(x.device), torch.from_numpy(lab[:, 0]).to(x.device)
+
+    def search_numpy(self, x: np.ndarray, k: int,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CPU: the k nearest centroids of `x` (or of `x[rows]`), (m, k) float32 and int64.
+
+        Searched `_SEARCH_CHUNK` rows per call (a subset is gathered chunk by chunk, never whole).
+        """
+        m = len(x) if rows is None else len(rows)
+        dis = np.empty((m, k), dtype=np.float32)
+        lab = np.empty((m, k), dtype=np.int64)
+        for start in range(0, m, _SEARCH_CHUNK):
+            stop = min(start + _SEARCH_CHUNK, m)
+            block = x[start:stop] if rows is None else x[rows[start:stop]]
+            dis[start:stop], lab[start:stop] = self.index.search(np.ascontiguousarray(block), k)
+        return dis, lab
+
+
+class BoundedAssignment:
+    """Nearest-centroid assignment across Lloyd iterations that skips provably settled rows.
+
+    Distance bounds in the manner of Hamerly's k-means, which no library provides for a faiss
+    index. Per row: its label, the ids of the `TRACKED` next-nearest centroids with a lower bound
+    on each one's distance, and one lower bound for every other centroid. When the centroids move,
+    each tracked bound drops by its own centroid's move and the shared one by the largest move
+    (triangle inequality); the distance to the row's own, moved centroid is recomputed exactly
+    (O(d) per row, float64). A row keeps its label without a search when the smallest bound,
+    squared, exceeds its own squared distance by twice `margin`, a bound on the rounding of faiss's
+    float32 distances (|x|^2 + |c|^2 - 2 x.c, or the direct sum): then no faiss search could pick
+    another centroid for it. Every other row is searched again with k = TRACKED + 2, which renews
+    its bounds. Tracking a few neighbours matters: the largest move among thousands of centroids
+    stays large long after most rows have settled, so a single shared bound (plain Hamerly) skipped
+    only about a fifth of the searches in `bench/cluster.py`.
+
+    What "the same labels as searching every row" means: identical, except for a row whose two
+    nearest centroids are within float rounding of each other. There even faiss is not consistent:
+    its float32 distances depend on the row's position in its search block (the same rows searched
+    in reverse order come back with other labels for such near-ties), so no reordering or subset
+    search can reproduce its choice. Skipped rows get their exact distance, so objectives agree with
+    faiss's to float rounding.
+
+    CPU only (numpy between faiss calls: see `LocalSums`). About 70 bytes per local row.
+    """
+
+    TRACKED = 3  # next-nearest centroids with their own bound
+    _DIST_CHUNK = 4096  # rows per float64 own-distance chunk (4 MB of temporaries)
+
+    def __init__(self, x: np.ndarray, searcher: Searcher) -> None:
+        self.x = x
+        self.searcher = searcher
+        n = len(x)
+        self.norms = np.empty(n)
+        for start in range(0, n, self._DIST_CHUNK):
+            block = x[start: start + self._DIST_CHUNK].astype(np.float64)
+            self.norms[start: start + self._DIST_CHUNK] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        self.labels: np.ndarray | None = None
+        self.near_ids = np.zeros((n, self.TRACKED), dtype=np.int32)
+        self.near_lower = np.zeros((n, self.TRACKED))
+        self.rest_lower = np.zeros(n)
+        self.previous: np.ndarray | None = None
+        self.searched = 0  # rows searched over all calls (for the logs and the benchmark)
+        self.rows = 0  # rows assigned over all calls
+
+    def assign(self, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared distance float32 (n,), label int64 (n,)) as `Searcher.search` would give."""
+        c64 = centroids.astype(np.float64)
+        norm_c = np.sqrt(np.einsum("ij,ij->i", c64, c64))
+        d = self.x.shape[1]
+        # |fl(x.c) - x.c| <= d u |x||c| for any summation order; with the norms' rounding this
+        # bounds faiss's error by (d + 8) u (|x| + |c|)^2; doubled for safety (u = 2^-24).
+        margin = 2.0 * (d + 8) * 2.0**-24 * (self.norms + norm_c.max(initial=0.0)) ** 2
+        n = len(self.x)
+        dis = np.empty(n, dtype=np.float32)
+        if self.labels is None:
+            rows = np.arange(n)
+            self.labels = np.empty(n, dtype=np.int64)
+        else:
+            assert self.previous is not None
+            shift = np.sqrt(np.einsum("ij,ij->i", c64 - self.previous, c64 - self.previous))
+            self.near_lower -= shift[self.near_ids]
+            self.rest_lower -= shift.max()
+            lower = np.minimum(self.near_lower.min(axis=1), self.rest_lower)
+            own = self._own_sq_distance(c64)
+            settled = (lower > 0) & (lower**2 - own > 2.0 * margin)
+            dis[settled] = own[settled]
+            rows = np.flatnonzero(~settled)
+        self._search(rows, dis, margin)
+        self.previous = c64
+        self.searched += len(rows)
+        self.rows += n
+        return torch.from_numpy(dis), torch.from_numpy(self.labels.copy())
+
+    def _search(self, rows: np.ndarray, dis: np.ndarray, margin: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        dist, ids = self.searcher.search_numpy(self.x, self.TRACKED + 2, rows)
+        # an exact tie goes to the lower id, as faiss's single-neighbour scan (strict <) does
+        swap = (dist[:, 0] == dist[:, 1]) & (ids[:, 1] >= 0) & (ids[:, 1] < ids[:, 0])
+        ids[swap, :2] = ids[swap, 1::-1]
+        # fewer centroids than TRACKED + 2: faiss pads with id -1; no centroid, no constraint
+        lower = np.sqrt(np.maximum(dist[:, 1:].astype(np.float64) - margin[rows, None], 0.0))
+        lower[ids[:, 1:] < 0] = np.inf
+        self.labels[rows] = ids[:, 0]
+        self.near_ids[rows] = np.maximum(ids[:, 1:-1], 0)
+        self.near_lower[rows] = lower[:, :-1]
+        self.rest_lower[rows] = lower[:, -1]
+        dis[rows] = dist[:, 0]
+
+    def _own_sq_distance(self, c64: np.ndarray) -> np.ndarray:
+        """Exact squared distance of each row to the new position of its current centroid."""
+        assert self.labels is not None
+        own = np.empty(len(self.x))
+        for start in range(0, len(self.x), self._DIST_CHUNK):
+            stop = start + self._DIST_CHUNK
+            diff = self.x[start:stop].astype(np.float64) - c64[self.labels[start:stop]]
+            own[start:stop] = np.einsum("ij,ij->i", diff, diff)
+        return own
 
 
 def assign(x: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +232,7 @@ def assign(x: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.
 def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, niter: int, nredo: int,
            seed: int, max_points_per_centroid: int, min_points_per_centroid: int,
            spherical: bool = False, init: np.ndarray | None = None,
-           distributed: bool = True) -> KMeansResult:
+           distributed: bool = True, prune: bool = True) -> KMeansResult:
     """k-means of the rows of all ranks; call on every rank (collectives inside when distributed).
 
     Args:
@@ -116,6 +245,8 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
             `faiss.Clustering` fields of the same names.
         init: optional float32 (k, d) initial centroids (identical on every rank).
         distributed: False runs on this rank's rows only, with no collective.
+        prune: on the CPU, search only the rows whose nearest centroid may have changed
+            (`BoundedAssignment`; the same labels as searching every row).
     """
     if num_samples < k:
         raise ValueError(f"k-means: {num_samples} rows cannot make {k} clusters; use fewer clusters")
@@ -136,10 +267,14 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
             centroids = _fetch_rows(x, ids, order, d, reduce)
         _post_process(centroids, spherical)
         objective, nsplit, labels, done = 0.0, 0, None, 0
+        on_cpu = x.device.type == "cpu"
+        bounded = BoundedAssignment(x.numpy(), searcher) if prune and on_cpu else None
+        local = LocalSums(k, d) if on_cpu else None
         for _ in range(niter):
             searcher.set_centroids(centroids)
-            centroids, objective, splits, labels, changed = _lloyd_step(searcher, x, k, n, reduce,
-                                                                        spherical, labels)
+            dis, lab = bounded.assign(centroids) if bounded is not None else searcher.search(x)
+            centroids, objective, splits, labels, changed = _lloyd_step(x, dis, lab, k, n, reduce,
+                                                                        spherical, labels, local)
             nsplit, done = nsplit + splits, done + 1
             if changed == 0:
                 # No row changed cluster: the update is a deterministic function of the assignment,
@@ -147,7 +282,8 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
                 # >= 1.8 stops here too, on an unchanged objective). Stopping changes no result.
                 break
         if best is None or objective < best.objective:
-            best = KMeansResult(centroids.copy(), objective, redo, nsplit, n, done)
+            searched = bounded.searched / max(bounded.rows, 1) if bounded is not None else 1.0
+            best = KMeansResult(centroids.copy(), objective, redo, nsplit, n, done, searched)
     assert best is not None
     return best
 
@@ -191,24 +327,25 @@ def _fetch_rows(x: torch.Tensor, ids: torch.Tensor, want: np.ndarray, d: int,
     return reduce(out).cpu().numpy()
 
 
-def _lloyd_step(searcher: Searcher, x: torch.Tensor, k: int, n: int,
+def _lloyd_step(x: torch.Tensor, dis: torch.Tensor, lab: torch.Tensor, k: int, n: int,
                 reduce: Callable[[torch.Tensor], torch.Tensor], spherical: bool,
-                previous: torch.Tensor | None) -> tuple[np.ndarray, float, int, torch.Tensor, int]:
-    """One faiss iteration: assign, reduce, update, split empties.
+                previous: torch.Tensor | None,
+                local: LocalSums | None) -> tuple[np.ndarray, float, int, torch.Tensor, int]:
+    """The rest of one faiss iteration after the assignment (`dis`, `lab`): reduce, update, split.
 
+    `local` carries the CPU sums across the iterations of a restart (None on a GPU).
     Returns the new centroids, the objective of this assignment, the number of splits, the local
     labels and the global number of rows whose label changed (> 0 on the first iteration).
     """
     d = x.shape[1]
-    dis, lab = searcher.search(x)
-    if previous is None:
-        changed = 1
-    elif lab.device.type == "cpu":  # numpy: see _partial_sums on torch CPU ops in this loop
-        changed = int(np.count_nonzero(lab.numpy() != previous.numpy()))
-    else:
-        changed = int((lab != previous).sum())
     # One buffer, one all-reduce: [sums (k*d) | counts (k) | objective | changed rows], float64.
-    host = reduce(_partial_sums(x, lab, dis, k, changed)).cpu().numpy()
+    if local is not None:
+        buf = torch.from_numpy(local.buffer(x.numpy(), lab.numpy(), dis.numpy(),
+                                            None if previous is None else previous.numpy()))
+    else:
+        changed = 1 if previous is None else int((lab != previous).sum())
+        buf = _partial_sums_device(x, lab, dis, k, changed)
+    host = reduce(buf).cpu().numpy()
     counts = host[k * d: k * d + k]
     centroids = np.zeros((k, d), dtype=np.float32)
     nonempty = counts > 0
@@ -218,25 +355,49 @@ def _lloyd_step(searcher: Searcher, x: torch.Tensor, k: int, n: int,
     return centroids, float(host[-2]), nsplit, lab, int(host[-1])
 
 
-def _partial_sums(x: torch.Tensor, lab: torch.Tensor, dis: torch.Tensor, k: int,
-                  changed: int) -> torch.Tensor:
-    """This rank's [sums (k*d) | counts (k) | objective | changed], float64, on x's device.
+class LocalSums:
+    """CPU: this rank's per-centroid row sums and counts (float64) over the iterations of a restart.
 
-    On the CPU this is numpy only: one weighted `np.bincount` per dimension (single-threaded,
-    sequential in row order, no float64 copy of the rows). torch CPU ops between faiss searches
-    wake torch's OpenMP pool, which then fights faiss's own pool: measured on 2 cores, every
-    faiss search ran 2-3x slower.
+    numpy only: torch CPU ops between faiss searches wake torch's OpenMP pool, which then fights
+    faiss's own pool (measured on 2 cores: every faiss search ran 2-3x slower). The first iteration
+    sums every row with one weighted `np.bincount` per dimension (single-threaded, no float64 copy
+    of the rows); later ones move only the rows that changed cluster from one sum to the other
+    (that full pass was a quarter of a pruned iteration at 200k rows; late iterations move a few
+    hundred rows). Exact in the counts; the sums differ from a fresh float64 sum by float64
+    rounding, far below the float32 centroids they make.
     """
+
+    def __init__(self, k: int, d: int) -> None:
+        self.k = k
+        self.sums = np.zeros((k, d))
+        self.counts = np.zeros(k)
+
+    def buffer(self, x: np.ndarray, lab: np.ndarray, dis: np.ndarray,
+               previous: np.ndarray | None) -> np.ndarray:
+        """[sums (k*d) | counts (k) | objective | changed rows] for this assignment (a new array)."""
+        k = self.k
+        if previous is None:
+            for j in range(x.shape[1]):
+                self.sums[:, j] = np.bincount(lab, weights=x[:, j], minlength=k)
+            self.counts[:] = np.bincount(lab, minlength=k)
+            changed = 1
+        else:
+            moved = np.flatnonzero(lab != previous)
+            changed = len(moved)
+            if changed:
+                rows, new, old = x[moved], lab[moved], previous[moved]
+                for j in range(x.shape[1]):
+                    self.sums[:, j] += (np.bincount(new, weights=rows[:, j], minlength=k)
+                                        - np.bincount(old, weights=rows[:, j], minlength=k))
+                self.counts += np.bincount(new, minlength=k) - np.bincount(old, minlength=k)
+        return np.concatenate([self.sums.ravel(), self.counts,
+                               [dis.sum(dtype=np.float64), float(changed)]])
+
+
+def _partial_sums_device(x: torch.Tensor, lab: torch.Tensor, dis: torch.Tensor, k: int,
+                         changed: int) -> torch.Tensor:
+    """GPU: this rank's [sums (k*d) | counts (k) | objective | changed], float64, on x's device."""
     d = x.shape[1]
-    if x.device.type == "cpu":
-        buf = np.zeros(k * d + k + 2)
-        lab_np, x_np = lab.numpy(), x.numpy()
-        sums = buf[: k * d].reshape(k, d)
-        for j in range(d):
-            sums[:, j] = np.bincount(lab_np, weights=x_np[:, j], minlength=k)
-        buf[k * d: k * d + k] = np.bincount(lab_np, minlength=k)
-        buf[-2], buf[-1] = dis.numpy().sum(dtype=np.float64), changed
-        return torch.from_numpy(buf)
     buf = torch.zeros(k * d + k + 2, dtype=torch.float64, device=x.device)
     sums = buf[: k * d].view(k, d)
     for start in range(0, x.shape[0], _SUM_CHUNK):

@@ -111,6 +111,7 @@ class ClusterConfig:
     spherical: bool = False  # normalise centroids each iteration (official: Euclidean)
     warm_start: bool = False  # init from last epoch's centroids (beyond the reference)
     warm_start_niter: int = 5  # Lloyd iterations when warm-starting (nredo is then 1)
+    prune: bool = True  # CPU: search only rows whose nearest centroid may have moved (same labels)
 
     def __post_init__(self) -> None:
         _require(self.niter >= 1, "cluster.niter", f"must be >= 1, got {self.niter}")

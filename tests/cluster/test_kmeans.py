@@ -134,3 +134,73 @@ def test_as_many_points_as_clusters_copies_the_rows_like_faiss():
 def test_fewer_points_than_clusters_is_a_clear_error():
     with pytest.raises(ValueError, match="19 rows cannot make 20 clusters"):
         _ours(_data(n=19), 20)
+
+
+def test_chunked_cpu_search_equals_one_faiss_search():
+    # Searcher splits CPU searches into _SEARCH_CHUNK-row calls (memory); a row count that is not a
+    # multiple of the chunk, against one faiss call over all rows, must give identical results.
+    from cluster.kmeans import _SEARCH_CHUNK
+
+    x = _data(n=2 * _SEARCH_CHUNK + 37, d=32, seed=3)
+    centroids = _data(n=300, d=32, seed=4)
+    index = faiss.IndexFlatL2(32)
+    index.add(centroids)
+    want_dis, want_lab = index.search(x, 1)
+    lab, dis = assign(torch.from_numpy(x), centroids)
+    np.testing.assert_array_equal(lab.numpy(), want_lab[:, 0])
+    np.testing.assert_array_equal(dis.numpy(), want_dis[:, 0])
+
+
+def _planted128(n=3000, centers=60, seed=0):
+    """Unit vectors in 128-d: n * 128 is above faiss's BLAS threshold, so faiss takes its BLAS path."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centers, 128))
+    x = means[rng.integers(0, centers, n)] + 1.2 * rng.standard_normal((n, 128)) / 128**0.5
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_pruned_lloyd_iterations_match_faiss_on_its_blas_path():
+    x = _planted128()
+    assert len(x) * 128 >= faiss.cvar.distance_compute_blas_threshold
+    ours = _ours(x, 100, nredo=2)
+    # the bounds skipped searches (the first iteration of a restart searches every row) ...
+    assert ours[3].iterations > 2 and ours[3].searched < 1.0
+    # ... and changed nothing
+    _assert_agree(ours, _faiss(x, 100, nredo=2, early_stop=False))
+    km = kmeans(torch.from_numpy(x), torch.arange(len(x)), num_samples=len(x), k=100, niter=20, nredo=2,
+                seed=0, max_points_per_centroid=1000, min_points_per_centroid=10, distributed=False,
+                prune=False)
+    assert km.searched == 1.0
+    np.testing.assert_array_equal(km.centroids, ours[0])
+
+
+def test_bounded_assignment_equals_a_full_faiss_search_at_every_step():
+    # Centroids drift step by step; exact twins and near-twins are planted on purpose.
+    from cluster.kmeans import BoundedAssignment, Searcher
+
+    rng = np.random.default_rng(5)
+    x = _planted128(n=2500, seed=5)
+    c = x[rng.choice(len(x), 40, replace=False)].copy()
+    searcher = Searcher(128, torch.device("cpu"))
+    bounded = BoundedAssignment(x, searcher)
+    near_ties = 0
+    for step in range(8):
+        c = (c + 0.02 / (step + 1) * rng.standard_normal(c.shape)).astype(np.float32)
+        c[1] = c[0]  # an exact tie
+        c[3] = c[2] + np.float32(1e-7)  # a near-tie within float rounding
+        searcher.set_centroids(c)
+        dis, lab = bounded.assign(c)
+        index = faiss.IndexFlatL2(128)
+        index.add(c)
+        want_dis, want_lab = index.search(x, 2)
+        # Where faiss's two nearest are further apart than its own rounding, the labels are
+        # identical; within rounding (the planted twins), faiss's choice depends on the row's
+        # position in its search block, so either of the two is faiss's answer.
+        clear = want_dis[:, 1] - want_dis[:, 0] > 1e-5
+        near_ties += int((~clear).sum())
+        np.testing.assert_array_equal(lab.numpy()[clear], want_lab[clear, 0], err_msg=f"step {step}")
+        tied = lab.numpy()[~clear]
+        assert ((tied == want_lab[~clear, 0]) | (tied == want_lab[~clear, 1])).all()
+        np.testing.assert_allclose(dis.numpy(), want_dis[:, 0], rtol=1e-5, atol=1e-6)
+    assert near_ties > 0  # the twins were exercised
+    assert bounded.searched < 0.7 * bounded.rows
