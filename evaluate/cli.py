@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str 
                    help="center crop side, px (default: the run's data.image_size, else 224 as spec 7.1)")
     p.add_argument("--resize", type=int, default=None,
                    help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
+    p.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=None,
+                   help="resize filter before the crop (default: bicubic for knn, cluster and report, "
+                   "as spec 7.1; bilinear for linear's validation, as the PCL protocol)")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per rank per step")
     p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="data pipeline backend")
     p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers per rank")
@@ -107,8 +110,9 @@ def _loader_args(args: argparse.Namespace) -> dict:
     stored = stored_eval_sizes(args.checkpoint) or (224, 256)
     image_size = args.image_size or stored[0]
     resize = args.resize or max(stored[1], image_size)
+    interpolation = args.interpolation or ("bilinear" if args.command == "linear" else "bicubic")
     return {"backend": args.backend, "image_size": image_size, "resize": resize,
-            "batch_size": args.batch_size, "workers": args.workers}
+            "interpolation": interpolation, "batch_size": args.batch_size, "workers": args.workers}
 
 
 def _run(args: argparse.Namespace) -> dict:

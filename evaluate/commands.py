@@ -47,6 +47,7 @@ def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split:
     scores = knn_predict_many(fix_empty(bank.feats, d), bank.cls, queries, num_classes=num_classes,
                               ks=ks, temperature=temperature)
     result = {"command": "knn", "checkpoint": str(checkpoint), "temperature": temperature,
+              "interpolation": loader.get("interpolation", "bilinear"),
               "bank": bank.num_samples, "queries": val.num_samples, "num_classes": num_classes,
               "knn": {str(k): topk_accuracy(s, labels) for k, s in scores.items()}}
     for k, acc in result["knn"].items():
@@ -64,6 +65,7 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
     cfg = ClusterConfig(niter=niter, nredo=nredo)
     rows = evaluate_clustering(feats, num_clusters, cfg)
     return {"command": "cluster", "checkpoint": str(checkpoint), "split": split,
+            "interpolation": loader.get("interpolation", "bilinear"),
             "num_samples": feats.num_samples, "num_classes": len(feats.class_names), "levels": rows}
 
 

@@ -165,24 +165,29 @@ def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep:
     return (*views, cls, idx) if flags is None else (*views, cls, idx, flags)
 
 
-def _resize_shorter(img, shape, resize: int):
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def _resize_shorter(img, shape, resize: int, interpolation: str):
     """Shorter side to `resize`, longer side truncated as torchvision's Resize(int) does
     (DALI's own `resize_shorter` rounds it, which shifts the center crop by a pixel)."""
     h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
     scale = resize / dmath.min(h, w)
     # + 1e-3: h * (resize / h) must not floor to resize - 1 through rounding
     return fn.resize(img, resize_y=dmath.floor(h * scale + 1e-3), resize_x=dmath.floor(w * scale + 1e-3),
-                     interp_type=types.INTERP_LINEAR, antialias=True)
+                     interp_type=_INTERP[interpolation], antialias=True)
 
 
 @pipeline_def(enable_conditionals=True)
 def eval_pipeline(plan: EpochPlan, image_size: int, resize: int, keep: KeepSource | None, device: str,
-                  reader_seed: int):
-    """Resize the shorter side to `resize` (bilinear, antialiased like PIL), center crop
-    `image_size`, normalise: spec 2.2. Outputs: view, cls digits, idx digits[, keep flags]."""
+                  reader_seed: int, interpolation: str = "bilinear"):
+    """Resize the shorter side to `resize` (bilinear as spec 2.2 or bicubic as spec 7.1, antialiased
+    like PIL), center crop `image_size`, normalise. Outputs: view, cls digits, idx digits[, keep
+    flags]."""
     jpg, cls, idx = reader(plan, reader_seed)
     flags = None if keep is None else _keep_input(keep)
-    img = _if_kept(flags, lambda: _resize_shorter(_decode(jpg, device), fn.peek_image_shape(jpg), resize),
+    img = _if_kept(flags, lambda: _resize_shorter(_decode(jpg, device), fn.peek_image_shape(jpg), resize,
+                                                  interpolation),
                    lambda: fn.resize(_blank(device), size=[resize, resize]))
     view = fn.crop_mirror_normalize(img, crop=[image_size, image_size], dtype=types.FLOAT,
                                     output_layout="CHW", mean=_MEAN, std=_STD)

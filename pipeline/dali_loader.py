@@ -68,7 +68,7 @@ class DaliLoader(Loader):
                                         self._reader_seed, self._roi, **common)
         else:
             pipe = graph.eval_pipeline(self.plan, self.cfg.image_size, self.cfg.eval_resize, keep, dev,
-                                       self._reader_seed, **common)
+                                       self._reader_seed, self.cfg.eval_interpolation, **common)
         pipe.build()
         return pipe
 

@@ -58,9 +58,10 @@ def linear_transform(spec: aug.ViewSpec) -> T.Compose:
                       T.ToTensor(), T.Normalize(aug.MEAN, aug.STD)])
 
 
-def eval_transform(image_size: int, resize: int) -> T.Compose:
-    """Spec 2.2: Resize(shorter side, bilinear) -> CenterCrop -> normalise."""
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
+def eval_transform(image_size: int, resize: int, interpolation: str = "bilinear") -> T.Compose:
+    """Resize(shorter side; bilinear as spec 2.2, bicubic as spec 7.1) -> CenterCrop -> normalise."""
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    return T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(image_size), T.ToTensor(),
                       T.Normalize(aug.MEAN, aug.STD)])
 
 
@@ -84,7 +85,7 @@ class _Batches(IterableDataset):
         elif plan.train:
             self.transforms = [view_transform(s, cfg.blur) for s in aug.view_specs(cfg)]
         else:
-            self.transforms = [eval_transform(cfg.image_size, cfg.eval_resize)]
+            self.transforms = [eval_transform(cfg.image_size, cfg.eval_resize, cfg.eval_interpolation)]
 
     def __iter__(self):
         info = get_worker_info()

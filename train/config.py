@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BACKENDS = ("dali", "torch")
+INTERPOLATIONS = ("bilinear", "bicubic")  # eval-mode resize filters
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 
@@ -42,6 +43,9 @@ class DataConfig:
     multi_crop: bool = False  # add the local views (6 views in all, spec 5.3)
     local_crop_sizes: list[int] = field(default_factory=lambda: [192, 160, 128, 96])  # px
     eval_resize: int = 256  # px, shorter side before the center crop in eval mode
+    # eval-mode resize filter: bilinear (spec 2.2, the clustering features) | bicubic (spec 7.1: the
+    # kNN and clustering evaluations; `hcsc-eval knn|cluster|report` default to it)
+    eval_interpolation: str = "bilinear"
     batch_size: int = 32  # images per rank per step
     eval_batch_size: int = 160  # images per rank per step in eval mode (5 x batch, as the reference)
     workers: int = 4  # DALI threads / DataLoader workers per rank
@@ -60,6 +64,8 @@ class DataConfig:
                  f"every size must be >= 8 px, got {self.local_crop_sizes}")
         _require(self.eval_resize >= self.image_size, "data.eval_resize",
                  f"must be >= data.image_size ({self.image_size}), got {self.eval_resize}")
+        _require(self.eval_interpolation in INTERPOLATIONS, "data.eval_interpolation",
+                 f"must be one of {INTERPOLATIONS}, got {self.eval_interpolation!r}")
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
         _require(self.workers >= 1, "data.workers", f"must be >= 1, got {self.workers}")

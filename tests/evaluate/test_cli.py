@@ -46,8 +46,10 @@ def test_knn_cli_official_and_trainer_checkpoints_agree(fm_shards, official_ckpt
     # random conv features still separate Fashion-MNIST far above chance (10 %)
     assert result["knn"]["5"]["top1"] > 30
     # the same weights in our trainer's run-dir layout, encoder read from the stored config
+    # (bicubic: the CLI's knn default, spec 7.1)
     again = commands.run_knn(checkpoint=str(_trainer_run_dir(tmp_path / "run")), train_shards=str(fm_shards),
-                             val_shards=str(fm_shards), ks=[1, 5, 20], **{**LOADER_KW, "encoder": None})
+                             val_shards=str(fm_shards), ks=[1, 5, 20],
+                             **{**LOADER_KW, "encoder": None, "interpolation": "bicubic"})
     assert again["knn"] == result["knn"]
 
 
@@ -160,3 +162,16 @@ def test_linear_command_glue_with_a_train_mode_stand_in(fm_shards, official_ckpt
     assert all(h["loss"] == h["loss"] for h in saved["history"])  # finite, not NaN
     seen.clear()
     assert commands.run_linear(**kw) == first and seen == []  # resumed after the last epoch: nothing reruns
+
+
+@pytest.mark.parametrize(("command", "extra", "want"), [
+    (["knn", "--train-shards", "A", "--val-shards", "B"], [], "bicubic"),  # spec 7.1
+    (["cluster", "--shards", "A"], [], "bicubic"),
+    (["linear", "--train-shards", "A", "--val-shards", "B", "--out", "O"], [], "bilinear"),  # PCL protocol
+    (["knn", "--train-shards", "A", "--val-shards", "B"], ["--interpolation", "bilinear"], "bilinear"),
+])
+def test_eval_resize_filter_defaults_per_command(tmp_path, command, extra, want):
+    from evaluate.cli import _loader_args, build_parser
+
+    args = build_parser().parse_args([*command, "--checkpoint", str(tmp_path / "none.pth"), *extra])
+    assert _loader_args(args)["interpolation"] == want
