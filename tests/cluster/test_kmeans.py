@@ -160,14 +160,17 @@ def _planted128(n=3000, centers=60, seed=0):
 
 
 def test_pruned_lloyd_iterations_match_faiss_on_its_blas_path():
-    x = _planted128()
+    from cluster.kmeans import BoundedAssignment
+
+    x = _planted128(n=4000)
+    k = BoundedAssignment.MIN_CLUSTERS  # the smallest k that uses the bounds
     assert len(x) * 128 >= faiss.cvar.distance_compute_blas_threshold
-    ours = _ours(x, 100, nredo=2)
+    ours = _ours(x, k, nredo=2)
     # the bounds skipped searches (the first iteration of a restart searches every row) ...
     assert ours[3].iterations > 2 and ours[3].searched < 1.0
     # ... and changed nothing
-    _assert_agree(ours, _faiss(x, 100, nredo=2, early_stop=False))
-    km = kmeans(torch.from_numpy(x), torch.arange(len(x)), num_samples=len(x), k=100, niter=20, nredo=2,
+    _assert_agree(ours, _faiss(x, k, nredo=2, early_stop=False))
+    km = kmeans(torch.from_numpy(x), torch.arange(len(x)), num_samples=len(x), k=k, niter=20, nredo=2,
                 seed=0, max_points_per_centroid=1000, min_points_per_centroid=10, distributed=False,
                 prune=False)
     assert km.searched == 1.0
@@ -175,6 +178,7 @@ def test_pruned_lloyd_iterations_match_faiss_on_its_blas_path():
 
 
 @pytest.mark.parametrize("movers", [4, 64])  # 4 of 40 centroids measured directly; 64: none (k too small)
+# (BoundedAssignment directly: kmeans() itself uses it only from MIN_CLUSTERS clusters on)
 def test_bounded_assignment_equals_a_full_faiss_search_at_every_step(monkeypatch, movers):
     # Centroids drift step by step; exact twins and near-twins are planted on purpose.
     from cluster.kmeans import BoundedAssignment, Searcher
