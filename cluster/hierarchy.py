@@ -271,16 +271,13 @@ def _check_coverage(idx: torch.Tensor, num_samples: int) -> None:
     idx = idx.to(torch.int64)
     in_range = (idx >= 0) & (idx < num_samples)
     hist = torch.zeros(num_samples, dtype=torch.int32, device=idx.device)
-    hist.index_add_(0, idx[in_range], torch.ones(1, dtype=torch.int32, device=idx.device).expand(
-        int(in_range.sum())))
+    hist.index_put_((idx[in_range],), torch.ones((), dtype=torch.int32, device=idx.device), accumulate=True)
     dist.all_reduce_sum(hist)
-    counts = torch.tensor([idx.numel(), idx.numel() - int(in_range.sum()), 0, 0], dtype=torch.int64,
-                          device=idx.device)
-    for chunk in hist.split(_CHECK_CHUNK * 64):  # chunks: no full-size bool mask
-        counts[2] += int((chunk == 0).sum())
-        counts[3] += int((chunk > 1).sum())
-    rows, out_of_range = (int(x) for x in dist.all_reduce_sum(counts[:2].clone()))
-    missing, dup = int(counts[2]), int(counts[3])  # hist is identical on every rank
+    sizes = torch.tensor([idx.numel(), int((~in_range).sum())], dtype=torch.int64, device=idx.device)
+    rows, out_of_range = (int(x) for x in dist.all_reduce_sum(sizes))
+    chunks = hist.split(_CHECK_CHUNK * 64)  # chunks: no full-size bool mask; hist is the same everywhere
+    missing = sum(int((chunk == 0).sum()) for chunk in chunks)
+    dup = sum(int((chunk > 1).sum()) for chunk in chunks)
     if out_of_range or missing or dup:
         raise ValueError(f"clustering: the eval loader gave {rows} rows for {num_samples} "
                          f"samples ({missing} missing, {dup} duplicated, {out_of_range} out of range); "

@@ -159,10 +159,7 @@ class BoundedAssignment:
         self.x = x
         self.searcher = searcher
         n = len(x)
-        self.norms = np.empty(n)
-        for start in range(0, n, self._DIST_CHUNK):
-            block = x[start: start + self._DIST_CHUNK].astype(np.float64)
-            self.norms[start: start + self._DIST_CHUNK] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        self.norms = np.sqrt(self._row_sq_norms(lambda start, stop: x[start:stop].astype(np.float64)))
         self.labels: np.ndarray | None = None
         self.near_ids = np.zeros((n, self.TRACKED), dtype=np.int32)
         self.near_lower = np.zeros((n, self.TRACKED))
@@ -186,7 +183,8 @@ class BoundedAssignment:
             self.labels = np.empty(n, dtype=np.int64)
         else:
             assert self.previous is not None
-            shift = np.sqrt(np.einsum("ij,ij->i", c64 - self.previous, c64 - self.previous))
+            move = c64 - self.previous
+            shift = np.sqrt(np.einsum("ij,ij->i", move, move))
             self.near_lower -= shift[self.near_ids]
             self._update_rest_lower(c64, shift, margin)
             lower = np.minimum(self.near_lower.min(axis=1), self.rest_lower)
@@ -203,7 +201,8 @@ class BoundedAssignment:
     def _search(self, rows: np.ndarray, dis: np.ndarray, margin: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        dist, ids = self.searcher.search_numpy(self.x, self.TRACKED + 2, rows)
+        subset = None if len(rows) == len(self.x) else rows  # every row: no per-chunk gather
+        dist, ids = self.searcher.search_numpy(self.x, self.TRACKED + 2, subset)
         # an exact tie goes to the lower id, as faiss's single-neighbour scan (strict <) does
         swap = (dist[:, 0] == dist[:, 1]) & (ids[:, 1] >= 0) & (ids[:, 1] < ids[:, 0])
         ids[swap, :2] = ids[swap, 1::-1]
@@ -251,13 +250,18 @@ class BoundedAssignment:
 
     def _own_sq_distance(self, c64: np.ndarray) -> np.ndarray:
         """Exact squared distance of each row to the new position of its current centroid."""
-        assert self.labels is not None
-        own = np.empty(len(self.x))
+        labels = self.labels
+        assert labels is not None
+        return self._row_sq_norms(
+            lambda start, stop: self.x[start:stop].astype(np.float64) - c64[labels[start:stop]])
+
+    def _row_sq_norms(self, block) -> np.ndarray:
+        """Squared L2 norm of each row of `block(start, stop)` (float64), `_DIST_CHUNK` rows a time."""
+        out = np.empty(len(self.x))
         for start in range(0, len(self.x), self._DIST_CHUNK):
-            stop = start + self._DIST_CHUNK
-            diff = self.x[start:stop].astype(np.float64) - c64[self.labels[start:stop]]
-            own[start:stop] = np.einsum("ij,ij->i", diff, diff)
-        return own
+            rows = block(start, min(start + self._DIST_CHUNK, len(self.x)))
+            out[start: start + len(rows)] = np.einsum("ij,ij->i", rows, rows)
+        return out
 
 
 def assign(x: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

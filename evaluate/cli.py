@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from train.config import INTERPOLATIONS
+
 COMMANDS = {
     "knn": "weighted kNN top-1/top-5 on trunk features",
     "linear": "linear probe on the frozen trunk",
@@ -43,7 +45,7 @@ def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str 
                    help="center crop side, px (default: the run's data.image_size, else 224 as spec 7.1)")
     p.add_argument("--resize", type=int, default=None,
                    help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
-    p.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=None,
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
                    help="resize filter before the crop (default: bicubic for knn, cluster and report, "
                    "as spec 7.1; bilinear for linear's validation, as the PCL protocol)")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per rank per step")
