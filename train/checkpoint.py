@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 POINTER = "latest"
 TMP_PREFIX = ".tmp-"
+# A new checkpoint is about as large as the previous one; ask for this much more, for the slack
+# of a grown client state and of the file system's blocks.
+FREE_SPACE_MARGIN = 1.1
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact and the message says what to do."""
 
 
 @dataclass
@@ -81,19 +88,29 @@ def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, k
     root = checkpoint_dir(run_dir)
     tag = make_tag(point.epoch, point.batch_in_epoch)
     tmp_tag = TMP_PREFIX + tag
+    refusal = None
     if dist.is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
-    dist.barrier()
+        refusal = _free_space_refusal(root)
+    refusal = dist.broadcast_object(refusal)  # every rank stops together, none waits at a barrier
+    if refusal:
+        raise CheckpointWriteError(refusal)
     client_state = {"format_version": FORMAT_VERSION, "epoch": point.epoch,
                     "batch_in_epoch": point.batch_in_epoch, "global_step": point.global_step,
                     "config_yaml": config_yaml,
                     "prototypes": _prototypes_state(point.prototypes)}
-    engine.save(str(root), tmp_tag, client_state)
-    torch.save(_rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
-    if dist.is_main() and official_state_dict is not None:
-        torch.save({"epoch": point.epoch, "state_dict": official_state_dict},
-                   root / tmp_tag / "hcsc_official.pth.tar")
+    try:
+        engine.save(str(root), tmp_tag, client_state)
+        torch.save(_rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+        if dist.is_main() and official_state_dict is not None:
+            torch.save({"epoch": point.epoch, "state_dict": official_state_dict},
+                       root / tmp_tag / "hcsc_official.pth.tar")
+    except (OSError, RuntimeError) as err:
+        # torch reports a full disk as a RuntimeError ("iostream error", "unexpected pos"); the
+        # half-written folder goes at once, so that it does not keep the disk full.
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(root, tag, err)) from err
     dist.barrier()  # every rank's files are on disk before the rename publishes them
     if dist.is_main():
         shutil.rmtree(root / tag, ignore_errors=True)
@@ -103,6 +120,36 @@ def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, k
         log.info("checkpoint saved: %s", root / tag)
     dist.barrier()
     return tag
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _free_space_refusal(root: Path) -> str | None:
+    """Why the next save would not fit, judged by the size of the previous checkpoint (None: fits).
+
+    The first save has nothing to judge by and is not refused; a failed write still says why."""
+    previous = latest_tag(root.parent)
+    if previous is None:
+        return None
+    need = _folder_bytes(root / previous) * FREE_SPACE_MARGIN
+    free = shutil.disk_usage(root).free
+    if free >= need:
+        return None
+    return (f"{root}: {free / 2**20:.0f} MiB free, but a checkpoint needs about {need / 2**20:.0f} MiB "
+            f"(the last one, {previous}, is intact); free space there or set run.output_dir to a "
+            f"larger disk, then resume with run.resume=auto")
+
+
+def _write_failure(root: Path, tag: str, err: BaseException) -> str:
+    free = shutil.disk_usage(root).free
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    previous = latest_tag(root.parent)
+    kept = f"the last one, {previous}, is intact" if previous else "no earlier checkpoint exists"
+    return (f"{root / tag}: writing the checkpoint failed ({reason}) with {free / 2**20:.0f} MiB free "
+            f"on that disk; {kept}. Free space or set run.output_dir to a larger disk, then resume "
+            f"with run.resume=auto")
 
 
 def _write_pointer(root: Path, tag: str) -> None:

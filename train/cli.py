@@ -42,9 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from train.loop import run  # heavy imports (DeepSpeed, DALI) only when training
+    from train.checkpoint import CheckpointWriteError  # heavy imports (DeepSpeed, DALI) only when training
+    from train.loop import run
+    from train.rundir import RunDirError
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except (RunDirError, CheckpointWriteError) as err:
+        print(f"hcsc-train: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -102,6 +102,53 @@ def test_kill_during_save_leaves_previous_checkpoint(dist_run, tmp_path):
     assert names == ["epoch0000-batch000001", "epoch0000-batch000003", "latest"]
 
 
+def _full_disk_saves(run_dir: str):
+    import shutil
+
+    from train import checkpoint
+    from train.engine import Engine
+
+    cfg = load_config(None, ["data.batch_size=4", "model.queue_size=8", f"run.output_dir={run_dir}"])
+    engine = Engine(Toy(), cfg, lr=0.1)
+    engine.train_step(_batches(0)[0], None, 0)
+    checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 1, 1), config_yaml="", keep_last=3)
+    real_save = engine.save
+
+    def disk_fills_up(folder, tag, client_state):
+        real_save(folder, tag, client_state)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 90")
+
+    engine.save = disk_fills_up
+    with pytest.raises(checkpoint.CheckpointWriteError) as failed:
+        checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 2, 2), config_yaml="", keep_last=3)
+    engine.save = real_save
+    after_failure = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir())
+
+    previous = checkpoint.checkpoint_dir(run_dir) / "epoch0000-batch000001"
+    size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    real_usage = shutil.disk_usage
+    checkpoint.shutil.disk_usage = lambda path: real_usage(path)._replace(free=size // 2)
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError) as refused:
+            checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 3, 3), config_yaml="", keep_last=3)
+    finally:
+        checkpoint.shutil.disk_usage = real_usage
+    after_refusal = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir())
+    return str(failed.value), after_failure, str(refused.value), after_refusal
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(dist_run, tmp_path):
+    [(failed, after_failure, refused, after_refusal)] = dist_run(_full_disk_saves, 1, str(tmp_path))
+    kept = ["epoch0000-batch000001", "latest"]
+    # The write error names the checkpoint, torch's reason and the way out, on one line, and the
+    # half-written folder is gone at once.
+    assert "\n" not in failed and "epoch0000-batch000002: writing the checkpoint failed" in failed
+    assert "unexpected pos" in failed and "epoch0000-batch000001, is intact" in failed
+    assert "run.resume=auto" in failed and after_failure == kept
+    # With less room than the last checkpoint took, the save is refused before writing anything.
+    assert "MiB free, but a checkpoint needs about" in refused and after_refusal == kept
+
+
 def test_deepspeed_config_comes_from_the_schema():
     cfg = load_config(None, ["engine.zero_stage=1", "optim.grad_clip=3.0", "data.batch_size=16",
                              "model.queue_size=64"])
