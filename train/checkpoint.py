@@ -137,19 +137,23 @@ def _free_space_refusal(root: Path) -> str | None:
     free = shutil.disk_usage(root).free
     if free >= need:
         return None
-    return (f"{root}: {free / 2**20:.0f} MiB free, but a checkpoint needs about {need / 2**20:.0f} MiB "
-            f"(the last one, {previous}, is intact); free space there or set run.output_dir to a "
-            f"larger disk, then resume with run.resume=auto")
+    return (f"{root}: {free / 2**20:.0f} MiB free, but a checkpoint needs about {need / 2**20:.0f} MiB; "
+            f"{_what_remains(root)}")
 
 
 def _write_failure(root: Path, tag: str, err: BaseException) -> str:
     free = shutil.disk_usage(root).free
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{root / tag}: writing the checkpoint failed ({reason}) with {free / 2**20:.0f} MiB free "
+            f"on that disk; {_what_remains(root)}")
+
+
+def _what_remains(root: Path) -> str:
+    """The end of both disk-space messages: what is still there, and the way out."""
     previous = latest_tag(root.parent)
     kept = f"the last one, {previous}, is intact" if previous else "no earlier checkpoint exists"
-    return (f"{root / tag}: writing the checkpoint failed ({reason}) with {free / 2**20:.0f} MiB free "
-            f"on that disk; {kept}. Free space or set run.output_dir to a larger disk, then resume "
-            f"with run.resume=auto")
+    return (f"{kept}. Free space there or set run.output_dir to a larger disk, then resume with "
+            "run.resume=auto")
 
 
 def _write_pointer(root: Path, tag: str) -> None:

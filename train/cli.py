@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from train.checkpoint import CheckpointWriteError  # heavy imports (DeepSpeed, DALI) only when training
+    # heavy imports (DeepSpeed, DALI) only when training
+    from train.checkpoint import CheckpointWriteError
     from train.loop import run
     from train.rundir import RunDirError
 
