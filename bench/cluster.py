@@ -133,8 +133,8 @@ def _ours_worker(rank: int, world: int, port: int, args: dict, queue) -> None:
     import faiss
 
     from cluster.hierarchy import hierarchical_kmeans
-    from train import dist
-    from train.config import ClusterConfig
+    from core import dist
+    from core.config import ClusterConfig
 
     threads = max(1, args["threads"] // world)  # the ranks share the host's cores
     torch.set_num_threads(threads)

@@ -45,9 +45,9 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
+    from core import dist
+    from core.config import load_config
     from model.hcsc import HCSC
-    from train import dist
-    from train.config import load_config
     from train.engine import Engine, build_optimizer
 
     dist.init(backend="gloo")

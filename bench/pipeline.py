@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from realdata import foolbox_jpegs  # noqa: E402  (bench/realdata.py)
 
+from core.config import DataConfig  # noqa: E402
 from pipeline import augment as aug  # noqa: E402
 from pipeline import build_loader, dali_graph, dali_loader  # noqa: E402
 from pipeline.reference import view_transform  # noqa: E402
 from shards.build import build_shards  # noqa: E402
-from train.config import DataConfig  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "pipeline"
 SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (400, 500), (500, 500), (640, 480)]

@@ -139,9 +139,9 @@ class Bench:
 def random_init_checkpoint(out: Path, seed: int) -> Path:
     import torch
 
+    from core.config import load_config
     from model.checkpoint_io import official_state_dict
     from model.hcsc import HCSC
-    from train.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml")
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 """Step benchmark: HCSC step time / MoCo v2 step time on the same model and batch (design 5).
 
 CPU, 2 threads, resnet18_small at 32 px, batch 64, queue 16384, prototypes 3000/2000/1000 over a
-synthetic dataset of N = 50k. A step is forward_backward + SGD step (the momentum update and the
+synthetic dataset of N = 50k. A step is forward + backward + SGD step (the momentum update and the
 enqueue happen inside forward). Three models with the same initial weights run interleaved, round
 by round, so that load from other processes hits all of them alike; medians after warm-up.
 
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.prototypes import Prototypes  # noqa: E402
+from core.config import HCSCConfig, ModelConfig  # noqa: E402
 from model import losses  # noqa: E402
-from model.hcsc import HCSC, StepTerms  # noqa: E402
+from model.hcsc import HCSC, StepLogits  # noqa: E402
 from pipeline.batch import Batch  # noqa: E402
-from train.config import HCSCConfig, ModelConfig  # noqa: E402
 
 log = logging.getLogger("bench.step")
 GOAL = 1.10
@@ -110,7 +110,7 @@ def step(model: HCSC, opt: torch.optim.Optimizer, batch: Batch, protos: Prototyp
          ) -> tuple[float, float]:
     """One training step; returns (wall seconds, process CPU seconds over all threads)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    model.forward_backward(batch, protos, epoch=1)
+    model(batch, protos, epoch=1)["loss"].backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -127,7 +127,7 @@ def loss_part_ms(model: HCSC, protos: Prototypes | None, reps: int = 5) -> float
     for _ in range(reps):
         q = F.normalize(torch.randn(64, model.model_cfg.dim, generator=g), dim=1).requires_grad_(True)
         start = time.process_time()
-        terms = StepTerms()
+        terms = StepLogits()
         queue = model.queue.clone()
         if protos is None:
             out = model._moco_losses(q, [], k, queue, terms)

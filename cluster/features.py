@@ -1,65 +1,157 @@
-"""Exactly-once feature extraction for clustering (spec 2.2, 10 item 12).
+"""The one feature extractor: clustering, the trainer's kNN monitor and `hcsc-eval` all use it.
 
-The eval loader already yields every sample exactly once across ranks (padding dropped by idx),
-so each rank keeps only its own rows: no dense N x d all-reduce and no duplicate summing (the
-official code's "norm > 1.5, divide by 2" repair is not needed).
+The eval loader yields every sample of a split exactly once across ranks, with its dataset index
+(docs/method.md §2.2, §10 item 12), so each rank keeps only its own rows: no dense N x d
+all-reduce and no duplicate summing (the official code's "norm > 1.5, divide by 2" repair is not
+needed). A rank whose share is empty (more ranks than batches) gets a (0, d) tensor with the width
+the other ranks found, so every later collective sees consistent shapes. `gather_by_idx`
+assembles a whole split in dataset order where a command needs it on every rank.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from core import dist
+from core.config import DataConfig
+from core.logs import progress
+from pipeline import build_loader
 from pipeline.batch import Batch
-from train import dist
-from train.logging import progress
+from shards.format import split_info
+
+Embed = Callable[[torch.Tensor], torch.Tensor]
 
 
-def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Batch], *,
-                     num_batches: int | None = None,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed the first view of every batch; return this rank's (idx, features).
+@dataclass
+class SplitFeatures:
+    """This rank's rows of a split.
 
-    The caller puts the model in eval mode and passes `model.embed_momentum` (the momentum
-    encoder with its MLP head, spec 2.2).
+    Attributes:
+        idx: int64 (n_local,) dataset indices; over all ranks each of 0..num_samples-1 once.
+        feats: float32 (n_local, d); n_local may be 0, d is the same on every rank.
+        cls: int64 (n_local,) class ids.
+        num_samples: rows over all ranks.
+        class_names: the split's class names (empty when not read from a manifest).
+    """
+
+    idx: torch.Tensor
+    feats: torch.Tensor
+    cls: torch.Tensor
+    num_samples: int
+    class_names: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int | None = None,
+                     normalize: bool = False, desc: str = "features") -> SplitFeatures:
+    """Embed the first view of every batch on this rank; call on every rank (one collective).
+
+    The caller sets eval mode: clustering passes `HCSC.embed_momentum` (the momentum encoder with
+    its head, docs/method.md §2.2), the kNN monitor and `hcsc-eval` a trunk.
 
     Args:
         embed: maps views (B, 3, H, W) to embeddings (B, d).
-        loader: yields `Batch` objects; only `views[0]` and `idx` are read.
-        num_batches: batches to read (also the progress-bar total); None reads the loader to
-            its end.
+        loader: yields `Batch` objects; only `views[0]`, `idx` and `cls` are read.
+        num_batches: batches to read (also the progress-bar total); None reads to the end.
+        normalize: L2-normalise every row (clustering and the cluster evaluation do).
         desc: progress-bar label.
 
     Returns:
-        idx int64 (n_local,) and features float32 (n_local, d), L2-normalised, on the device
-        that computed them. A rank that saw no batch returns (0,) and (0, 0) tensors on
-        `dist.device()`; `hierarchical_kmeans` takes d from the other ranks.
+        `SplitFeatures` on the device that computed them (`dist.device()` for an empty rank).
 
     Raises:
-        ValueError: when any embedding row is NaN or infinite (names how many).
+        ValueError: when an embedding row is NaN or infinite (names how many), or no rank
+            saw any row.
     """
     idx_parts: list[torch.Tensor] = []
     feat_parts: list[torch.Tensor] = []
-    with torch.no_grad():
-        batches = loader if num_batches is None else itertools.islice(loader, num_batches)
-        for batch in progress(batches, total=num_batches, desc=desc):
-            feats = embed(batch.views[0]).float()
-            idx_parts.append(batch.idx.to(device=feats.device, dtype=torch.int64))
-            feat_parts.append(feats)
+    cls_parts: list[torch.Tensor] = []
+    if num_batches is None and hasattr(loader, "__len__"):
+        num_batches = len(loader)  # type: ignore[arg-type]
+    batches = loader if num_batches is None else itertools.islice(loader, num_batches)
+    for batch in progress(batches, total=num_batches, desc=desc):
+        feats = embed(batch.views[0]).float()
+        if feats.ndim != 2 or feats.shape[0] != len(batch):
+            raise ValueError(f"extract_features: embed returned shape {tuple(feats.shape)} for "
+                             f"{len(batch)} samples; expected (batch, dim)")
+        feat_parts.append(feats)
+        idx_parts.append(batch.idx.to(device=feats.device, dtype=torch.int64))
+        cls_parts.append(batch.cls.to(device=feats.device, dtype=torch.int64))
+    mine = (sum(p.shape[0] for p in feat_parts), feat_parts[0].shape[1] if feat_parts else None)
+    everyone = dist.all_gather_object(mine)
+    dim = _one_width([d for n, d in everyone if n])
     if not feat_parts:
         device = dist.device()
-        return (torch.zeros(0, dtype=torch.int64, device=device),
-                torch.zeros(0, 0, dtype=torch.float32, device=device))
-    idx, feats = torch.cat(idx_parts), torch.cat(feat_parts)
-    if feats.ndim != 2 or feats.shape[0] != idx.shape[0]:
-        raise ValueError(f"extract_features: embed returned shape {tuple(feats.shape)} for "
-                         f"{idx.shape[0]} samples; expected (batch, dim)")
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return SplitFeatures(empty, torch.zeros(0, dim, device=device), empty.clone(),
+                             sum(n for n, _ in everyone))
+    feats = torch.cat(feat_parts)
     bad = int((~torch.isfinite(feats)).any(dim=1).sum())
     if bad:
         raise ValueError(f"extract_features: {bad} of {feats.shape[0]} embeddings on rank {dist.rank()} "
                          "are NaN or infinite; check the checkpoint and the learning rate")
-    # The head already normalises; normalise again so clustering never sees drifted norms.
-    return idx, F.normalize(feats, dim=1)
+    if normalize:
+        feats = F.normalize(feats, dim=1)
+    return SplitFeatures(torch.cat(idx_parts), feats, torch.cat(cls_parts), sum(n for n, _ in everyone))
+
+
+def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0, seed: int = 0,
+                   normalize: bool = False, desc: str | None = None) -> SplitFeatures:
+    """`extract_features` over the eval loader of `split` (resize + center crop, no randomness).
+
+    Args:
+        embed: as in `extract_features`; the caller sets eval mode and owns the device.
+        data: loader settings (shards folder, backend, sizes, eval batch size).
+        split: a split of the shard folder's manifest.
+        epoch, seed: passed to the loader (the eval transform draws no random numbers; the epoch
+            only names the plan).
+        normalize: L2-normalise every row.
+        desc: progress-bar label (default "features <split>").
+    """
+    info = split_info(data.shards, split)
+    loader = build_loader(data, split=split, mode="eval", rank=dist.rank(), world=dist.world(),
+                          epoch=epoch, seed=seed, device=dist.device())
+    try:
+        out = extract_features(embed, loader, normalize=normalize, desc=desc or f"features {split}")
+    finally:
+        loader.close()
+    out.class_names = list(info.get("class_names", []))
+    return out
+
+
+def agree_dim(feats: torch.Tensor) -> int:
+    """Feature width from the ranks that have rows (a rank may have none); call on every rank."""
+    mine = int(feats.shape[1]) if feats.ndim == 2 and feats.shape[0] > 0 else None
+    return _one_width(list(dist.all_gather_object(mine)))
+
+
+def _one_width(widths: list[int | None]) -> int:
+    found = {d for d in widths if d is not None}
+    if len(found) != 1:
+        raise ValueError(f"features: ranks disagree on the feature width ({sorted(found)}) or no rank "
+                         "has any row; check the eval loader and the split's size")
+    return found.pop()
+
+
+def gather_by_idx(idx: torch.Tensor, values: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Every rank's rows placed at their dataset index: (num_samples, ...) on every rank.
+
+    Raises:
+        ValueError: when the indices over all ranks are not exactly 0..num_samples-1 once each.
+    """
+    all_idx = dist.all_gather_cat(idx)
+    all_values = dist.all_gather_cat(values)
+    inside = (all_idx >= 0) & (all_idx < num_samples)
+    hist = torch.bincount(all_idx[inside], minlength=num_samples)
+    if all_idx.numel() != num_samples or not bool(inside.all()) or bool((hist != 1).any()):
+        raise ValueError(f"evaluation: the eval loader returned {all_idx.numel()} rows for {num_samples} "
+                         f"samples ({int((hist == 0).sum())} missing); the shards' idx must be 0..N-1, "
+                         "each once (check with `hcsc-shards verify`)")
+    out = all_values.new_zeros((num_samples, *all_values.shape[1:]))
+    out[all_idx] = all_values
+    return out

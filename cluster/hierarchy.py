@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from cluster.concentration import cluster_sums, concentration
+from cluster.features import agree_dim
 from cluster.kmeans import KMeansResult, assign, kmeans
-from cluster.prototypes import Prototypes
-from train import dist
-from train.config import ClusterConfig
+from cluster.prototypes import LevelStats, Prototypes
+from core import dist
+from core.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,45 +34,24 @@ _CHECK_CHUNK = 4096
 
 
 @dataclass
-class LevelStats:
-    """What one level's clustering did (logged, and kept on the result)."""
+class _UpperLevels:
+    """Rank 0's payload to every rank: the per-level results computed from level 1's centroids.
 
-    level: int  # 1-based, fine to coarse
-    clusters: int
-    points: int  # rows clustered at this level (images at level 1, child centroids above)
-    seconds: float  # k-means + assignment + concentration at this level
-    objective: float  # kept restart's last-iteration objective (faiss iteration_stats[-1].obj)
-    final_objective: float  # sum of squared distances to the returned centroids
-    empty: int  # clusters with no member in the final assignment
-    largest: int
-    smallest: int
-    nsplit: int  # empty-cluster splits during the kept restart
-    iterations: int  # Lloyd iterations of the kept restart (stops early once converged)
-    searched: float  # fraction of rank 0's row assignments in the kept restart that needed a search
-    warm: bool  # initialised from the previous epoch's centroids
-
-
-@dataclass
-class HierarchyResult(Prototypes):
-    """`Prototypes` plus what the next epoch's warm start and the logs need.
-
-    Attributes:
-        raw_centroids: L tensors float32 (M_l, d): the un-normalised k-means centroids.
-        stats: one `LevelStats` per level.
+    ``logits`` travel by tensor broadcast (the largest part), the rest by one pickled object.
     """
 
     raw_centroids: list[torch.Tensor] = field(default_factory=list)
+    centroids: list[torch.Tensor] = field(default_factory=list)
+    density: list[torch.Tensor] = field(default_factory=list)
+    cluster2cluster: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
     stats: list[LevelStats] = field(default_factory=list)
-
-    def to(self, device: torch.device | str) -> HierarchyResult:
-        base = Prototypes.to(self, device)
-        return HierarchyResult(base.im2cluster, base.centroids, base.density, base.cluster2cluster,
-                               base.logits, [t.to(device) for t in self.raw_centroids], self.stats)
+    error: str = ""  # a ValueError's message on rank 0, raised on every rank
 
 
 def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_samples: int,
                         num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-                        previous: Prototypes | None = None) -> HierarchyResult:
+                        previous: Prototypes | None = None) -> Prototypes:
     """Cluster the features of all ranks into `len(num_clusters)` levels; call on every rank.
 
     Args:
@@ -88,20 +68,20 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
         The prototypes, identical bit for bit on every rank, on `features.device`.
     """
     device = features.device
-    d = _agree_dim(features)
+    d = agree_dim(features)
     features = features.reshape(-1, d).float()
     _check_sizes(num_samples, num_clusters)
     _check_finite(features)
     _check_coverage(idx, num_samples)
     inits = _warm_inits(previous, num_clusters, d, cfg)
     level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0])
-    small = _from_rank0(level1, num_clusters, cfg, temperature, inits, device)
+    upper = _from_rank0(level1, num_clusters, cfg, temperature, inits, device)
     im2cluster = [y1]
-    for parent in small["cluster2cluster"]:  # spec 2.3: y^{l+1} = pi_l[y^l]
+    for parent in upper.cluster2cluster:  # spec 2.3: y^{l+1} = pi_l[y^l]
         im2cluster.append(parent[im2cluster[-1]])
-    _log_stats(small["stats"])
-    return HierarchyResult(im2cluster, small["centroids"], small["density"], small["cluster2cluster"],
-                           small["logits"], small["raw_centroids"], small["stats"])
+    _log_stats(upper.stats)
+    return Prototypes(im2cluster, upper.centroids, upper.density, upper.cluster2cluster, upper.logits,
+                      upper.raw_centroids, upper.stats)
 
 
 def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int, k: int,
@@ -125,18 +105,20 @@ def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int,
 
 
 def _from_rank0(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-                inits: list[np.ndarray | None], device: torch.device) -> dict[str, Any]:
+                inits: list[np.ndarray | None], device: torch.device) -> _UpperLevels:
     """Rank 0 computes everything small and broadcasts it (spec 2.5); errors reach every rank."""
-    outcome = _run_upper(level1, num_clusters, cfg, temperature, inits, device) if dist.is_main() else None
-    logits = outcome[1].pop("logits") if outcome is not None and outcome[0] == "ok" else None
-    outcome = dist.broadcast_object(outcome)
-    if outcome[0] == "error":  # raised on rank 0; raise everywhere instead of leaving ranks waiting
-        raise ValueError(outcome[1])
-    small: dict[str, Any] = outcome[1]
+    logits = None
+    upper = None
+    if dist.is_main():
+        upper = _run_upper(level1, num_clusters, cfg, temperature, inits, device)
+        logits, upper.logits = upper.logits, []
+    upper = dist.broadcast_object(upper)
+    if upper.error:  # raised on rank 0; raise everywhere instead of leaving ranks waiting
+        raise ValueError(upper.error)
     for key in ("centroids", "density", "cluster2cluster", "raw_centroids"):
-        small[key] = [t.to(device) for t in small[key]]
-    small["logits"] = _broadcast_logits(logits, num_clusters, device)
-    return small
+        setattr(upper, key, [t.to(device) for t in getattr(upper, key)])
+    upper.logits = _broadcast_logits(logits, num_clusters, device)
+    return upper
 
 
 def _log_stats(all_stats: list[LevelStats]) -> None:
@@ -161,18 +143,17 @@ def _broadcast_logits(logits: list[torch.Tensor] | None, num_clusters: list[int]
 
 
 def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-               inits: list[np.ndarray | None], device: torch.device) -> tuple[str, Any]:
+               inits: list[np.ndarray | None], device: torch.device) -> _UpperLevels:
     """Rank 0: level-1 concentration, then levels 2..L on the normalised centroids."""
     km, reduced, seconds, warm = level1
     k = num_clusters[0]
     counts, sums = reduced[:k], reduced[k: 2 * k]
+    out = _UpperLevels()
     try:
-        out: dict[str, Any] = {"raw_centroids": [], "centroids": [], "density": [],
-                               "cluster2cluster": [], "logits": [], "stats": []}
         _add_level(out, 1, km, counts, sums, temperature, seconds, float(reduced[-1]), warm)
         for level, k_next in enumerate(num_clusters[1:], start=2):
             start = time.perf_counter()
-            x = out["centroids"][-1].to(device)
+            x = out.centroids[-1].to(device)
             ids = torch.arange(x.shape[0], device=device)
             # spec 2.3: the child centroids are clustered unweighted, seed = 0-based level index
             km = kmeans(x, ids, num_samples=x.shape[0], k=k_next, seed=level - 1, distributed=False,
@@ -182,24 +163,24 @@ def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, tempe
             _add_level(out, level, km, counts.cpu(), sums.cpu(), temperature,
                        time.perf_counter() - start, float(sq_dist.double().sum()),
                        inits[level - 1] is not None)
-            out["cluster2cluster"].append(parent.cpu())
-            logits = out["centroids"][-2] @ out["centroids"][-1].T
+            out.cluster2cluster.append(parent.cpu())
+            logits = out.centroids[-2] @ out.centroids[-1].T
             # |cos| <= 1 (spec 10.5); unit vectors can overshoot by an ulp in float32
-            out["logits"].append(logits.clamp_(-1.0, 1.0))
-        return "ok", out
+            out.logits.append(logits.clamp_(-1.0, 1.0))
+        return out
     except ValueError as err:
-        return "error", str(err)
+        return _UpperLevels(error=str(err))
 
 
-def _add_level(out: dict[str, Any], level: int, km: KMeansResult, counts: torch.Tensor,
+def _add_level(out: _UpperLevels, level: int, km: KMeansResult, counts: torch.Tensor,
                sums: torch.Tensor, temperature: float, seconds: float, final_objective: float,
                warm: bool) -> None:
     raw = torch.from_numpy(km.centroids.copy())
-    out["raw_centroids"].append(raw)
+    out.raw_centroids.append(raw)
     # spec 2.3: centroids are L2-normalised after clustering; assignments used the raw ones
-    out["centroids"].append(F.normalize(raw, dim=1))
-    out["density"].append(concentration(counts, sums, temperature, level))
-    out["stats"].append(LevelStats(
+    out.centroids.append(F.normalize(raw, dim=1))
+    out.density.append(concentration(counts, sums, temperature, level))
+    out.stats.append(LevelStats(
         level=level, clusters=int(counts.numel()), points=int(counts.sum()), seconds=seconds,
         objective=km.objective, final_objective=final_objective, empty=int((counts == 0).sum()),
         largest=int(counts.max()), smallest=int(counts.min()), nsplit=km.nsplit,
@@ -223,23 +204,13 @@ def _warm_inits(previous: Prototypes | None, num_clusters: list[int], d: int,
     if previous is None:
         log.info("clustering: cold start (cluster.warm_start is on, but there is no previous result)")
         return cold
-    raw = getattr(previous, "raw_centroids", [])
+    raw = previous.raw_centroids
     shapes = [tuple(t.shape) for t in raw]
     if shapes != [(k, d) for k in num_clusters]:
         log.warning("clustering: cold start: previous raw centroids have shapes %s, need %s",
                     shapes, [(k, d) for k in num_clusters])
         return cold
     return [t.detach().float().cpu().numpy() for t in raw]
-
-
-def _agree_dim(features: torch.Tensor) -> int:
-    """Feature dimension, taken from the ranks that have rows (a rank may have none)."""
-    mine = int(features.shape[1]) if features.ndim == 2 and features.shape[0] > 0 else None
-    dims = {x for x in dist.all_gather_object(mine) if x is not None}
-    if len(dims) != 1:
-        raise ValueError(f"clustering: ranks disagree on the feature dimension ({sorted(dims)}) or no "
-                         "rank has any feature; check the eval loader")
-    return dims.pop()
 
 
 def _check_sizes(num_samples: int, num_clusters: list[int]) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from cluster import faiss_compat
-from train import dist
+from core import dist
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.errors import first_line
+from core.runfolder import DS_MODEL_FILE, OFFICIAL_FILE, RunFolder
 from model.encoders import create_encoder
 
 log = logging.getLogger(__name__)
 
-DS_MODEL_FILE = "mp_rank_00_model_states.pt"
-OFFICIAL_FILE = "hcsc_official.pth.tar"
-POINTER = "latest"
 _SHOW = 5  # keys named in a mismatch message
 
 
@@ -78,12 +77,12 @@ def torch_load(path: str | os.PathLike) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refusing to unpickle code (weights_only=True: {first}); re-save "
-                              "it as plain tensors, e.g. torch.save({'state_dict': sd}, path)") from None
+        raise CheckpointError(f"{path}: refusing to unpickle code (weights_only=True: {first_line(err)}); "
+                              "re-save it as plain tensors, e.g. torch.save({'state_dict': sd}, path)"
+                              ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+                              f"{first_line(err)})") from None
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -93,14 +92,14 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     if path.is_file():
         return path
-    if (path / "checkpoints").is_dir():  # a run directory
-        pointer = path / "checkpoints" / POINTER
-        if not pointer.is_file():
-            raise CheckpointError(f"{path}: run directory without {pointer.relative_to(path)}; "
+    run = RunFolder.at(path)
+    if run.checkpoints.is_dir():  # a run directory
+        if not run.pointer.is_file():
+            raise CheckpointError(f"{path}: run directory without {run.pointer.relative_to(path)}; "
                                   "it has no complete checkpoint yet")
-        path = path / "checkpoints" / pointer.read_text().strip()
+        path = run.checkpoint(run.pointer.read_text().strip())
         if not path.is_dir():
-            raise CheckpointError(f"{pointer}: names {path.name!r}, which does not exist")
+            raise CheckpointError(f"{run.pointer}: names {path.name!r}, which does not exist")
     for name in (DS_MODEL_FILE, OFFICIAL_FILE):
         if (path / name).is_file():
             return path / name
@@ -140,8 +139,6 @@ def stored_eval_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
         file = resolve(path)
     except CheckpointError:
         return None
-    if file.parent.parent.name != "checkpoints":
-        return None
     text = _run_config(file)
     if not text:
         return None
@@ -154,8 +151,9 @@ def stored_eval_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def _run_config(model_file: Path) -> str | None:
-    config = model_file.parent.parent.parent / "config.yaml"  # RUN/checkpoints/<tag>/file
-    return config.read_text() if config.is_file() else None
+    """The config.yaml of the run whose checkpoint folder holds `model_file`, if any."""
+    run = RunFolder.of_checkpoint(model_file.parent)
+    return run.config.read_text() if run is not None and run.config.is_file() else None
 
 
 def load_backbone(path: str | os.PathLike, encoder: str | None = None) -> tuple[nn.Module, int]:

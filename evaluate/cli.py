@@ -12,9 +12,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from train.config import INTERPOLATIONS
+from core.config import INTERPOLATIONS
+from core.files import write_text_atomic
 
 COMMANDS = {
     "knn": "weighted kNN top-1/top-5 on trunk features",
@@ -165,10 +165,10 @@ def _offline(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from core import dist
+    from core.logs import setup_logging
     from evaluate.checkpoints import CheckpointError
     from shards.format import ShardFormatError
-    from train import dist
-    from train.logging import setup_logging
 
     dist.init()
     setup_logging(None)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.shutdown()
     if main_rank and result and args.command in ("knn", "cluster") and args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     if main_rank and result:
         print(json.dumps(result))
     return 0

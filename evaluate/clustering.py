@@ -13,11 +13,12 @@ import logging
 import numpy as np
 import torch
 
-from cluster.hierarchy import HierarchyResult, hierarchical_kmeans
-from evaluate.features import SplitFeatures, agree_dim, fix_empty, gather_by_idx
+from cluster.features import SplitFeatures, gather_by_idx
+from cluster.hierarchy import hierarchical_kmeans
+from cluster.prototypes import Prototypes
+from core import dist
+from core.config import ClusterConfig
 from evaluate.metrics import clustering_scores, purity
-from train import dist
-from train.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,10 @@ def check_levels(num_clusters: list[int], num_samples: int) -> None:
                          "samples; lower the finest level")
 
 
-def cluster_split(split: SplitFeatures, num_clusters: list[int], cfg: ClusterConfig) -> HierarchyResult:
+def cluster_split(split: SplitFeatures, num_clusters: list[int], cfg: ClusterConfig) -> Prototypes:
     """Hierarchical k-means of a split's (normalised) features spread over ranks; collective."""
     check_levels(num_clusters, split.num_samples)
-    d = agree_dim(split.feats)
-    feats = torch.nn.functional.normalize(fix_empty(split.feats, d), dim=1)
+    feats = torch.nn.functional.normalize(split.feats, dim=1)
     # temperature only scales the concentrations, which evaluation does not use
     return hierarchical_kmeans(split.idx, feats, num_samples=split.num_samples, num_clusters=num_clusters,
                                cfg=cfg, temperature=0.2)
@@ -48,7 +48,7 @@ def split_labels(split: SplitFeatures) -> torch.Tensor:
     return gather_by_idx(split.idx, split.cls, split.num_samples)
 
 
-def score_levels(result: HierarchyResult, labels: np.ndarray) -> list[dict[str, float]]:
+def score_levels(result: Prototypes, labels: np.ndarray) -> list[dict[str, float]]:
     """Per level (fine to coarse): clusters, nmi, ami, ari, acc, purity."""
     rows = []
     for level, assign in enumerate(result.im2cluster, start=1):

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import torch
 
+from cluster.features import gather_by_idx, split_features
+from core import dist
+from core.config import ClusterConfig
+from core.files import write_json_atomic
 from evaluate.checkpoints import load_backbone
 from evaluate.clustering import check_levels, evaluate_clustering
-from evaluate.features import agree_dim, data_config, extract, fix_empty, gather_by_idx
+from evaluate.data import data_config
 from evaluate.knn import knn_predict_many, topk_accuracy
 from evaluate.linear import LinearConfig, accuracy_counts, make_classifier, train_linear
 from pipeline import build_loader
-from shards.format import split_info, write_json_atomic
-from train import dist
-from train.config import ClusterConfig
+from shards.format import split_info
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,12 @@ def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split:
     The bank stays split over ranks; the queries are gathered on every rank.
     """
     trunk, _ = _trunk(checkpoint, encoder)
-    bank = extract(trunk, data_config(train_shards, **loader), train_split, seed=seed)
-    val = extract(trunk, data_config(val_shards, **loader), val_split, seed=seed)
+    bank = split_features(trunk, data_config(train_shards, **loader), train_split, seed=seed)
+    val = split_features(trunk, data_config(val_shards, **loader), val_split, seed=seed)
     num_classes = len(split_info(train_shards, train_split)["class_names"])
-    d = agree_dim(val.feats)
-    queries = gather_by_idx(val.idx, fix_empty(val.feats, d), val.num_samples)
+    queries = gather_by_idx(val.idx, val.feats, val.num_samples)
     labels = gather_by_idx(val.idx, val.cls, val.num_samples)
-    scores = knn_predict_many(fix_empty(bank.feats, d), bank.cls, queries, num_classes=num_classes,
+    scores = knn_predict_many(bank.feats, bank.cls, queries, num_classes=num_classes,
                               ks=ks, temperature=temperature)
     result = {"command": "knn", "checkpoint": str(checkpoint), "temperature": temperature,
               "interpolation": loader.get("interpolation", "bilinear"),
@@ -61,7 +62,7 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
     """Hierarchical k-means of the split's normalised trunk features, scored per level."""
     check_levels(num_clusters, split_info(shards, split)["num_samples"])  # before any feature work
     trunk, _ = _trunk(checkpoint, encoder)
-    feats = extract(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
+    feats = split_features(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
     cfg = ClusterConfig(niter=niter, nredo=nredo)
     rows = evaluate_clustering(feats, num_clusters, cfg)
     return {"command": "cluster", "checkpoint": str(checkpoint), "split": split,
@@ -79,8 +80,7 @@ def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str,
     trunk, feat_dim = _trunk(checkpoint, encoder)
     num_classes = len(split_info(train_shards, train_split)["class_names"])
     eval_cfg = data_config(val_shards, **loader)
-    val = extract(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
-    val_feats = fix_empty(val.feats, feat_dim)
+    val = split_features(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
     train_cfg = data_config(train_shards, **{**loader, "batch_size": global_batch // world})
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -98,7 +98,7 @@ def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str,
     classifier = make_classifier(feat_dim, num_classes).to(dist.device())
     for p in classifier.parameters():  # identical start on every rank, whatever each RNG did before
         dist.broadcast_(p.data)
-    result = train_linear(classifier, batches, lambda fc: accuracy_counts(fc, val_feats, val.cls),
+    result = train_linear(classifier, batches, lambda fc: accuracy_counts(fc, val.feats, val.cls),
                           protocol, out_dir=out)
     summary = {"command": "linear", "checkpoint": str(checkpoint), "best_top1": result.best_top1,
                "best_epoch": result.best_epoch, "last_top1": result.last_top1, "last_top5": result.last_top5,

@@ -14,29 +14,15 @@ import logging
 import os
 import pickle
 import re
-from pathlib import Path
 
 import torch
 
+from core.files import atomic_write
 from evaluate.checkpoints import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 _BATCHES_TRACKED = "num_batches_tracked"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (no half files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def import_official(src: str | os.PathLike, out: str | os.PathLike) -> dict:
@@ -48,7 +34,7 @@ def import_official(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     ckpt = read_checkpoint(src)
     state = {"module." + k: v.detach().cpu().contiguous() for k, v in ckpt.state.items()}
     payload = {"epoch": ckpt.epoch if ckpt.epoch is not None else -1, "state_dict": state}
-    _atomic_write(Path(out), lambda f: torch.save(payload, f))
+    atomic_write(out, lambda f: torch.save(payload, f))
     summary = {"keys": len(state), "encoder_k": any(k.startswith("encoder_k.") for k in ckpt.state),
                "queue": "queue" in ckpt.state, "epoch": ckpt.epoch}
     log.info("wrote %s: %d keys from %s (%s)", out, len(state), ckpt.path, ckpt.kind)
@@ -67,7 +53,7 @@ def trunk_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
 def export_torchvision(src: str | os.PathLike, out: str | os.PathLike) -> int:
     """Save the trunk as a torchvision ResNet state dict (load with ``strict=False``: fc missing)."""
     trunk = trunk_state_dict(src)
-    _atomic_write(Path(out), lambda f: torch.save(trunk, f))
+    atomic_write(out, lambda f: torch.save(trunk, f))
     return len(trunk)
 
 
@@ -94,5 +80,5 @@ def detectron2_model(src: str | os.PathLike) -> dict:
 def export_detectron2(src: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write the detectron2 ``.pkl`` (for R50-C4 configs with ``WEIGHTS`` pointing at it)."""
     payload = detectron2_model(src)
-    _atomic_write(Path(out), lambda f: pickle.dump(payload, f))
+    atomic_write(out, lambda f: pickle.dump(payload, f))
     return len(payload["model"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train import dist
+from core import dist
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Only a `nn.Linear` is trained: init N(0, 0.01), bias 0; SGD lr 5.0, momentum 0.9, no weight
 decay, 100 epochs, lr x0.1 at epochs 60 and 80; batch 256 in total over ranks. The trunk stays in
 eval mode (BN frozen) and features are not normalised. Gradients of the classifier are averaged
-over ranks through `train.dist` (every rank's train batch has the same size, so the mean of the
+over ranks through `core.dist` (every rank's train batch has the same size, so the mean of the
 per-rank means is the global mean). Validation counts correct predictions over all ranks exactly,
 not a per-batch average across ranks as the official script does (spec 9, item 17).
 
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import dist
+from core import dist
+from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def _average_gradients(module: nn.Module) -> None:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _resume(path: Path | None, classifier: nn.Module, optimizer: torch.optim.Optimizer,

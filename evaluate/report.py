@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cluster.hierarchy import HierarchyResult
+from cluster.features import gather_by_idx, split_features
+from cluster.prototypes import Prototypes
+from core import dist
+from core.config import ClusterConfig
+from core.files import write_text_atomic
 from evaluate.checkpoints import load_backbone
 from evaluate.clustering import cluster_split, score_levels, split_labels
-from evaluate.features import agree_dim, data_config, extract, fix_empty, gather_by_idx
+from evaluate.data import data_config
 from pipeline.plan import load_shards
-from train import dist
-from train.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def _classes(labels: np.ndarray | None, names: list[str], members: np.ndarray) -
     return [(names[c] if c < len(names) else str(c), n) for c, n in counts.most_common()]
 
 
-def _node(result: HierarchyResult, feats: torch.Tensor, labels, names, level: int, cid: int,
+def _node(result: Prototypes, feats: torch.Tensor, labels, names, level: int, cid: int,
           per_node: int) -> Node:
     members = (result.im2cluster[level - 1] == cid).nonzero().squeeze(1)
     sims = feats[members] @ result.centroids[level - 1][cid].to(feats)
@@ -81,7 +83,7 @@ def _node(result: HierarchyResult, feats: torch.Tensor, labels, names, level: in
     return Node(level, cid, int(members.numel()), _classes(labels, names, members.cpu().numpy()), images)
 
 
-def pick_nodes(result: HierarchyResult, feats: torch.Tensor, labels: np.ndarray | None, names: list[str], *,
+def pick_nodes(result: Prototypes, feats: torch.Tensor, labels: np.ndarray | None, names: list[str], *,
                top_clusters: int, children: int, images: int) -> list[Node]:
     """The `top_clusters` largest coarsest-level clusters, each with its `children` largest child
     prototypes (one level finer) and their `images` members nearest to the child centroid."""
@@ -134,11 +136,10 @@ def build_report_data(*, checkpoint: str, shards: str, split: str, num_clusters:
     """Extract, cluster and select on every rank (collective); rank 0 gets the data, others None."""
     trunk, _ = load_backbone(checkpoint, encoder)
     trunk = trunk.to(dist.device())
-    split_feats = extract(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
+    split_feats = split_features(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
     levels = num_clusters or default_levels(split_feats.num_samples)
     result = cluster_split(split_feats, levels, ClusterConfig(niter=niter, nredo=nredo))
-    d = agree_dim(split_feats.feats)
-    feats = gather_by_idx(split_feats.idx, fix_empty(split_feats.feats, d), split_feats.num_samples)
+    feats = gather_by_idx(split_feats.idx, split_feats.feats, split_feats.num_samples)
     labels_t = split_labels(split_feats)
     if not dist.is_main():
         return None
@@ -176,7 +177,4 @@ def write_report(data: ReportData, out: str | Path) -> Path:
     for node in data.top:
         montage(node, data.thumbs).save(out / f"cluster_L{node.level}_{node.cid}.png")
     page = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(render(data), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    return write_text_atomic(page, render(data))

@@ -16,32 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.prototypes import Prototypes
+from core import dist
+from core.config import HCSCConfig, ModelConfig
 from model import losses, selection
 from model.encoders import create_encoder, pooled_features
 from model.heads import build_head
 from model.momentum import enqueue_, momentum_update_, shuffled_keys
 from pipeline.batch import Batch
-from train import dist
-from train.config import HCSCConfig, ModelConfig
 
 MaskSampler = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class StepTerms:
-    """Every logit matrix and mask of the last step (kept only when `HCSC.keep_terms` is set).
+class StepLogits:
+    """Every logit matrix and mask of one step, levels fine to coarse: what the losses reduce.
 
     Layouts as in `model.losses`. `inst_masks[l]` (B, K) bool; `proto_masks[l]` (B, M_l) bool or
-    None (top level or `proto_selection` off); `proto_excluded[l]` (M_l,) bool. `q`, `local_q`, `k`
-    (detached, normalised) and `queue` (the pre-enqueue queue) let a test recompute every logit.
+    None (top level or `proto_selection` off); `proto_excluded[l]` (M_l,) bool; `labels[l]` (B,)
+    the batch's clusters at level l.
     """
 
-    q: torch.Tensor | None = None
-    local_q: list[torch.Tensor] = field(default_factory=list)
-    k: torch.Tensor | None = None
-    queue: torch.Tensor | None = None
     labels: list[torch.Tensor] = field(default_factory=list)
-
     inst_logits: list[torch.Tensor] = field(default_factory=list)
     inst_masks: list[torch.Tensor] = field(default_factory=list)
     proto_logits: list[torch.Tensor] = field(default_factory=list)
@@ -50,6 +45,18 @@ class StepTerms:
     local_inst_logits: list[torch.Tensor] = field(default_factory=list)  # view-major, then level
     local_proto_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [view][level]
     local_proto_masks: list[list[torch.Tensor | None]] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord(StepLogits):
+    """A detached copy of one step for inspection (`HCSC.step_observer`): its logits and masks,
+    plus `q`, `local_q`, `k` (normalised) and `queue` (before the enqueue), from which every logit
+    can be recomputed."""
+
+    q: torch.Tensor | None = None
+    local_q: list[torch.Tensor] = field(default_factory=list)
+    k: torch.Tensor | None = None
+    queue: torch.Tensor | None = None
 
 
 class HCSC(nn.Module):
@@ -74,8 +81,9 @@ class HCSC(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("queue_index", torch.arange(model_cfg.queue_size, dtype=torch.long))
         self.mask_sampler: MaskSampler = selection.sample_mask  # tests inject forced masks here
-        self.keep_terms = False
-        self.last_terms: StepTerms | None = None
+        # Called with a detached `StepRecord` after every step when set (inspection, tests); the
+        # losses never read it.
+        self.step_observer: Callable[[StepRecord], None] | None = None
         self._cache = selection.SelectionCache()
 
     def use_prototypes(self, epoch: int, prototypes: Prototypes | None) -> bool:
@@ -95,12 +103,6 @@ class HCSC(nn.Module):
             raise ValueError(f"backbone_features: which must be 'q' or 'k', got {which!r}")
         return pooled_features(self.encoder_q if which == "q" else self.encoder_k, images)
 
-    def forward_backward(self, batch: Batch, prototypes: Prototypes | None, *, epoch: int) -> dict:
-        """`forward` then `loss.backward()` (plain PyTorch; the trainer's engine does its own)."""
-        out = self(batch, prototypes, epoch=epoch)
-        out["loss"].backward()
-        return out
-
     def forward(self, batch: Batch, prototypes: Prototypes | None, *, epoch: int) -> dict[str, torch.Tensor]:
         """One step's losses, with the momentum update and the enqueue as side effects.
 
@@ -115,7 +117,7 @@ class HCSC(nn.Module):
             momentum_update_(self.encoder_k, self.encoder_q, self.model_cfg.momentum)
             k, k_all = shuffled_keys(self.encoder_k, views[1], self.model_cfg.shuffle_bn)
         queue = self.queue.clone()  # the pre-enqueue queue; saved by autograd for z.Q's backward
-        terms = StepTerms()
+        terms = StepLogits()
         if self.use_prototypes(epoch, prototypes):
             out = self._hcsc_losses(q, local_q, k, queue, batch.idx, prototypes, terms)
         else:
@@ -123,16 +125,17 @@ class HCSC(nn.Module):
         out["acc_inst"] = losses.top1_accuracy(terms.inst_logits[0].detach())
         out["loss"] = out["loss_inst"] + out["loss_proto"] + out["loss_local_inst"] + out["loss_local_proto"]
         self._enqueue(k_all, dist.all_gather_equal(batch.idx))
-        self.last_terms = self._detached(terms, q, local_q, k, queue) if self.keep_terms else None
+        if self.step_observer is not None:
+            self.step_observer(self._detached(terms, q, local_q, k, queue))
         return out
 
     @staticmethod
-    def _detached(terms: StepTerms, q, local_q, k, queue) -> StepTerms:
+    def _detached(terms: StepLogits, q, local_q, k, queue) -> StepRecord:
         """Detached copies only, so the record never holds the autograd graph alive."""
         def det(xs):
             return [det(x) if isinstance(x, list) else (None if x is None else x.detach()) for x in xs]
 
-        return StepTerms(
+        return StepRecord(
             q=q.detach(), local_q=det(local_q), k=k, queue=queue, labels=terms.labels,
             inst_logits=det(terms.inst_logits), inst_masks=terms.inst_masks,
             proto_logits=det(terms.proto_logits), proto_masks=terms.proto_masks,
@@ -147,7 +150,7 @@ class HCSC(nn.Module):
                              "check data.multi_crop matches the model")
         return batch.views
 
-    def _moco_losses(self, q, local_q, k, queue, terms: StepTerms) -> dict[str, torch.Tensor]:
+    def _moco_losses(self, q, local_q, k, queue, terms: StepLogits) -> dict[str, torch.Tensor]:
         """Warm-up / no clustering: plain MoCo v2 InfoNCE, plus plain local terms (spec 5.1)."""
         terms.inst_logits = [self._moco_logits(q, k, queue)]
         terms.local_inst_logits = [self._moco_logits(z, k, queue) for z in local_q]
@@ -160,7 +163,7 @@ class HCSC(nn.Module):
         return losses.instance_logits((z * k).sum(1, keepdim=True), z @ queue, None,
                                       self.model_cfg.temperature)
 
-    def _hcsc_losses(self, q, local_q, k, queue, idx, protos: Prototypes, terms: StepTerms):
+    def _hcsc_losses(self, q, local_q, k, queue, idx, protos: Prototypes, terms: StepLogits):
         cfg = self.hcsc_cfg
         if protos.num_levels != len(cfg.num_clusters):
             raise ValueError(f"prototypes: {protos.num_levels} levels, but hcsc.num_clusters has "
@@ -188,7 +191,7 @@ class HCSC(nn.Module):
         terms.local_inst_logits = [x for per_view in local_inst for x in per_view.unbind(0)]
         return self._reduce(inst, local_inst, terms, protos.num_levels, q.new_zeros(()))
 
-    def _reduce(self, inst, local_inst, terms: StepTerms, n_levels: int, zero) -> dict[str, torch.Tensor]:
+    def _reduce(self, inst, local_inst, terms: StepLogits, n_levels: int, zero) -> dict[str, torch.Tensor]:
         """Spec 5.1: instance CE summed over levels (averaged with `average_instance_loss`),
         prototype CE averaged over levels; local prototype terms / L, not / (V L)."""
         ce = losses.info_nce
@@ -219,7 +222,7 @@ class HCSC(nn.Module):
                                                        labels, self._cache.log_norm())
             return self.mask_sampler(prob)
 
-    def _proto_level_logits(self, z, labels, terms: StepTerms, protos: Prototypes):
+    def _proto_level_logits(self, z, labels, terms: StepLogits, protos: Prototypes):
         """PCSC logits of every level for queries z; masks at levels < L when proto selection is on."""
         logits, masks = [], []
         for lvl, (y, c, phi) in enumerate(zip(labels, protos.centroids, protos.density, strict=True)):

@@ -1,6 +1,6 @@
 """The MoCo machinery around the losses: momentum update, shuffle-BN key forward, queue update.
 
-Distributed only through `train.dist` (spec 1; design 5). Everything here runs without gradients.
+Distributed only through `core.dist` (spec 1; design 5). Everything here runs without gradients.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import dist
+from core import dist
 
 
 @torch.no_grad()

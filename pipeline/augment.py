@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from train.config import DataConfig
+from core.config import DataConfig
 
 MEAN = (0.485, 0.456, 0.406)  # spec 5.3, ImageNet statistics
 STD = (0.229, 0.224, 0.225)

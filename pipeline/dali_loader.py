@@ -18,11 +18,11 @@ import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
+from core.config import DataConfig
 from pipeline import augment as aug
 from pipeline import dali_graph as graph
 from pipeline.loader import Loader
 from pipeline.plan import EpochPlan, derive_seed
-from train.config import DataConfig
 
 log = logging.getLogger(__name__)
 # Decode once and crop every view from it, or decode only each view's crop region

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from core import dist
+from core.config import DataConfig
 from pipeline.batch import Batch
 from pipeline.plan import EpochPlan, epoch_plan, load_shards
 from shards.format import digits_to_int
-from train.config import DataConfig
 
 log = logging.getLogger(__name__)
 Mode = Literal["train", "eval", "linear"]
@@ -106,12 +106,6 @@ class Loader(abc.ABC):
                      digits_to_int(cls_digits).to(self.device, non_blocking=nb))
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _dali_available() -> bool:
     global _warned_fallback
     try:
@@ -139,7 +133,7 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
         rank, world: this rank and the number of ranks.
         epoch, seed: together seed the shard order, the shuffle and every augmentation.
         start_batch: first batch to yield (resume); batches before it are replayed, not yielded.
-        device: where views, idx and cls land; default cuda:LOCAL_RANK when CUDA is available.
+        device: where views, idx and cls land; default this rank's device (`core.dist.device`).
 
     Raises:
         ShardFormatError: a missing, truncated or inconsistent shard or manifest (one line).
@@ -150,7 +144,7 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
     train = mode != "eval"
     plan = epoch_plan(shards, total, train=train, rank=rank, world=world, epoch=epoch, seed=seed,
                       batch_size=cfg.batch_size if train else cfg.eval_batch_size)
-    device = device or default_device()
+    device = device or dist.device()
     if cfg.backend == "dali" and _dali_available():
         from pipeline.dali_loader import DaliLoader
 

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 from webdataset.tariterators import tarfile_samples
 
+from core.config import DataConfig
 from pipeline import augment as aug
 from pipeline.batch import Batch
 from pipeline.loader import Loader
 from pipeline.plan import EpochPlan, derive_seed
-from train.config import DataConfig
 
 log = logging.getLogger(__name__)
 

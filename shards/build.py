@@ -13,8 +13,7 @@ shards whose checksums still match are kept, the rest are rewritten with identic
 are not fsynced one by one: after a power loss a shard or record that did not reach the disk fails
 that checksum comparison and is rewritten, and nothing is named in the manifest before it is on disk.
 
-Test hook (`shards.writer.STALL_ENV`): with ``HCSC_SHARDS_TEST_STALL_AFTER=K`` in the environment
-every shard numbered K or more stalls half-written, so a test can kill the build at a known point.
+A crash test can stall the writer half-way through a shard (`core.faults`).
 """
 
 from __future__ import annotations
@@ -36,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from core.files import write_json_atomic
 from shards.convert import probe_files
-from shards.format import FORMAT_VERSION, INFO_NAME, shard_name, write_json_atomic
+from shards.format import FORMAT_VERSION, INFO_NAME, shard_name
 from shards.manifest import BuildError, load_manifest, other_class_names, remove_split, update_manifest
 from shards.sources import Listing, list_inputs, parse_source
 from shards.writer import ShardTask, fsync_files, shard_is_complete, write_shard

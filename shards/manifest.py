@@ -3,7 +3,7 @@
 Building split ``val`` into a folder that holds ``train`` is normal: each build replaces only its own
 split's entry. The read-modify-write holds an exclusive `fcntl` lock on ``.info.lock`` so two builds
 of different splits into one folder cannot lose each other's entry; the file itself is replaced
-atomically (`shards.format.write_json_atomic`), so readers never see half a manifest.
+atomically (`core.files.write_json_atomic`), so readers never see half a manifest.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
+from core.files import write_json_atomic
 from shards.format import (
     FORMAT_VERSION,
     INFO_NAME,
     ShardFormatError,
     index_name,
     read_info,
-    write_json_atomic,
 )
 
 

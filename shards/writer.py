@@ -20,17 +20,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import faults
 from shards.convert import InputError, encode_array, prepare
 from shards.format import encode_cls, encode_idx, index_name, sample_key, shard_name
 from shards.manifest import BuildError
 from shards.sources import read_input
 
 INDEX_VERSION = "v1.2"
-STALL_ENV = "HCSC_SHARDS_TEST_STALL_AFTER"  # test hook, see shards.build
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -137,13 +136,12 @@ def write_shard(task: ShardTask) -> dict:
     name = shard_name(task.split, task.number)
     tar_path, idx_path = out / name, out / index_name(name)
     entries, sha, pos = [], hashlib.sha256(), 0
-    stall = os.environ.get(STALL_ENV)
-    stall_at = len(task.inputs) // 2 if stall and task.number >= int(stall) else -1
+    stall_at = faults.shard_stall_sample(task.number, len(task.inputs))
     with open(tmp_path(tar_path), "wb") as f:
         for i in range(len(task.inputs)):
             if i == stall_at:
                 f.flush()
-                time.sleep(3600)
+                faults.stall()
             blob, members = _sample(task, i, pos)
             f.write(blob)  # one write and one hash update per sample
             sha.update(blob)

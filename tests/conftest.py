@@ -36,7 +36,7 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, resu
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from train import dist
+    from core import dist
 
     try:
         dist.init(backend="gloo", timeout_s=120)

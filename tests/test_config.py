@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import Config, ConfigError, load_config, scaled_lr, to_yaml
+from core.config import Config, ConfigError, load_config, scaled_lr, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

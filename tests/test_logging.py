@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from train.logging import MetricsWriter, setup_logging
+from core.logs import MetricsWriter, setup_logging
 
 
 def test_rank_files_and_stdout(tmp_path, capsys):

@@ -1,11 +1,9 @@
-"""Atomic, resumable checkpoints (design.md "Checkpoints", style.md item 7).
+"""Atomic, resumable checkpoints in the run folder's `checkpoints/` (layout: `core.runfolder`).
 
-Layout under `run_dir/checkpoints/`:
-  - `<tag>/`: the DeepSpeed checkpoint (model incl. momentum encoder and queue buffers, optimizer,
-    ZeRO partitions), our client state under fixed keys (`format_version`, `epoch`,
-    `batch_in_epoch`, `global_step`, `config_yaml`, `prototypes`), one `rng_rank{r}.pt` per rank,
-    and `hcsc_official.pth.tar` (the official layout, spec 8, for the official eval scripts);
-  - `latest`: the tag of the newest complete checkpoint, replaced atomically as the last step.
+A checkpoint folder holds the DeepSpeed checkpoint (model incl. momentum encoder and queue buffers,
+optimizer, ZeRO partitions), our client state under fixed keys (`format_version`, `epoch`,
+`batch_in_epoch`, `global_step`, `config_yaml`, `prototypes`), one RNG file per rank, and the
+official-layout copy for the official evaluation scripts (docs/method.md §8).
 A save writes into `.tmp-<tag>/` and renames it when every rank has finished, then moves the
 pointer; a kill at any moment leaves the previous checkpoint and pointer intact.
 """
@@ -23,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.hierarchy import HierarchyResult
 from cluster.prototypes import Prototypes
-from train import dist
+from core import dist
+from core.errors import first_line
+from core.files import write_text_atomic
+from core.runfolder import OFFICIAL_FILE, POINTER, TMP_PREFIX, RunFolder, make_tag, rng_file
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-POINTER = "latest"
-TMP_PREFIX = ".tmp-"
 # A new checkpoint is about as large as the previous one; ask for this much more, for the slack
 # of a grown client state and of the file system's blocks.
 FREE_SPACE_MARGIN = 1.1
@@ -49,22 +47,6 @@ class ResumePoint:
     batch_in_epoch: int = 0
     global_step: int = 0
     prototypes: Prototypes | None = None
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def make_tag(epoch: int, batch_in_epoch: int) -> str:
-    return f"epoch{epoch:04d}-batch{batch_in_epoch:06d}"
-
-
-def latest_tag(run_dir: str | Path) -> str | None:
-    pointer = checkpoint_dir(run_dir) / POINTER
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -85,7 +67,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, keep_last: int,
          official_state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Save on every rank (collective). Returns the tag."""
-    root = checkpoint_dir(run_dir)
+    root = RunFolder.at(run_dir).checkpoints
     tag = make_tag(point.epoch, point.batch_in_epoch)
     tmp_tag = TMP_PREFIX + tag
     refusal = None
@@ -102,10 +84,10 @@ def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, k
                     "prototypes": _prototypes_state(point.prototypes)}
     try:
         engine.save(str(root), tmp_tag, client_state)
-        torch.save(_rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+        torch.save(_rng_state(), rng_file(root / tmp_tag, dist.rank()))
         if dist.is_main() and official_state_dict is not None:
             torch.save({"epoch": point.epoch, "state_dict": official_state_dict},
-                       root / tmp_tag / "hcsc_official.pth.tar")
+                       root / tmp_tag / OFFICIAL_FILE)
     except (OSError, RuntimeError) as err:
         # torch reports a full disk as a RuntimeError ("iostream error", "unexpected pos"); the
         # half-written folder goes at once, so that it does not keep the disk full.
@@ -130,7 +112,7 @@ def _free_space_refusal(root: Path) -> str | None:
     """Why the next save would not fit, judged by the size of the previous checkpoint (None: fits).
 
     The first save has nothing to judge by and is not refused; a failed write still says why."""
-    previous = latest_tag(root.parent)
+    previous = RunFolder.at(root.parent).latest_tag()
     if previous is None:
         return None
     need = _folder_bytes(root / previous) * FREE_SPACE_MARGIN
@@ -143,56 +125,39 @@ def _free_space_refusal(root: Path) -> str | None:
 
 def _write_failure(root: Path, tag: str, err: BaseException) -> str:
     free = shutil.disk_usage(root).free
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     return (f"{root / tag}: writing the checkpoint failed ({reason}) with {free / 2**20:.0f} MiB free "
             f"on that disk; {_what_remains(root)}")
 
 
 def _what_remains(root: Path) -> str:
     """The end of both disk-space messages: what is still there, and the way out."""
-    previous = latest_tag(root.parent)
+    previous = RunFolder.at(root.parent).latest_tag()
     kept = f"the last one, {previous}, is intact" if previous else "no earlier checkpoint exists"
     return (f"{kept}. Free space there or set run.output_dir to a larger disk, then resume with "
             "run.resume=auto")
 
 
 def _write_pointer(root: Path, tag: str) -> None:
-    tmp = root / f"{TMP_PREFIX}{POINTER}"
-    with tmp.open("w") as f:
-        f.write(tag + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / POINTER)
+    write_text_atomic(root / POINTER, tag + "\n")
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
-    for stale in tags[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in RunFolder.at(root.parent).complete_tags()[:-keep_last]:
+        shutil.rmtree(root / stale, ignore_errors=True)
     for leftover in root.glob(TMP_PREFIX + "*"):
         if leftover.is_dir():  # a save killed half-way; never pointed to
             shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _prototypes_state(prototypes: Prototypes | None) -> dict | None:
-    """The epoch's prototypes, plus the raw centroids that `cluster.warm_start` starts from, so a
+    """The epoch's prototypes with the raw centroids that `cluster.warm_start` starts from, so a
     resumed run clusters exactly as the uninterrupted one would."""
-    if prototypes is None:
-        return None
-    state = prototypes.state_dict()
-    if getattr(prototypes, "raw_centroids", None):
-        state["raw_centroids"] = prototypes.raw_centroids
-    return state
+    return None if prototypes is None else prototypes.state_dict()
 
 
 def _prototypes_from_state(state: dict | None, device: torch.device) -> Prototypes | None:
-    if state is None:
-        return None
-    state = dict(state)
-    raw = state.pop("raw_centroids", None)
-    if raw is None:
-        return Prototypes(**state).to(device)
-    return HierarchyResult(**state, raw_centroids=raw).to(device)
+    return None if state is None else Prototypes.from_state_dict(state).to(device)
 
 
 def resolve(run_dir: str | Path, resume: str) -> Path | None:
@@ -200,12 +165,11 @@ def resolve(run_dir: str | Path, resume: str) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        tag = latest_tag(run_dir)
-        return checkpoint_dir(run_dir) / tag if tag else None
+        return RunFolder.at(run_dir).latest_checkpoint()
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"run.resume: checkpoint folder {resume!r} does not exist "
-                                f"(expected {checkpoint_dir(run_dir)}/<tag>)")
+                                f"(expected {RunFolder.at(run_dir).checkpoints}/<tag>)")
     return path
 
 
@@ -216,11 +180,11 @@ def load(engine, path: Path, device: torch.device) -> tuple[ResumePoint, str]:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format_version {version!r}, "
                          f"this trainer reads {FORMAT_VERSION}")
-    rng_file = path / f"rng_rank{dist.rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    rng_path = rng_file(path, dist.rank())
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, weights_only=False))
     else:
-        log.warning("%s missing (world size changed?): RNG streams restart from the seed", rng_file)
+        log.warning("%s missing (world size changed?): RNG streams restart from the seed", rng_path)
     protos = client_state.get("prototypes")
     point = ResumePoint(epoch=client_state["epoch"], batch_in_epoch=client_state["batch_in_epoch"],
                         global_step=client_state["global_step"],

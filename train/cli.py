@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import ConfigError, load_config, to_yaml
+from core.config import ConfigError, load_config, to_yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                "data.shards=/data/in1k/train\n"
                "  deepspeed --hostfile hosts --module train.cli --config configs/hcsc_r50_200ep.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/); schema: train/config.py")
+    parser.add_argument("--config", help="YAML config (see configs/); schema: core/config.py")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotlist overrides, e.g. optim.lr=0.06 run.output_dir=runs/x")
     parser.add_argument("--print-config", action="store_true",

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from train import dist
-from train.config import Config, global_batch
+from core import dist
+from core.config import Config, global_batch
 
 log = logging.getLogger(__name__)
 

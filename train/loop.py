@@ -5,21 +5,21 @@ checkpoint when due (and on SIGTERM/SIGINT) -> final evaluation."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
-from cluster.features import extract_features
+from cluster.features import split_features
 from cluster.hierarchy import hierarchical_kmeans
+from core import dist, faults
+from core.config import Config, to_yaml
+from core.logs import MetricsWriter, progress, setup_logging
 from model.checkpoint_io import official_state_dict
 from model.hcsc import HCSC
 from pipeline import build_loader
 from shards.format import split_info
-from train import checkpoint, dist, monitor, rundir
-from train.config import Config, to_yaml
+from train import checkpoint, monitor, rundir
 from train.engine import Engine, prepare_environment
-from train.logging import MetricsWriter, progress, setup_logging
 from train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -81,16 +81,13 @@ def _resume(engine: Engine, cfg: Config) -> checkpoint.ResumePoint:
 def _cluster(model, cfg: Config, epoch: int, num_samples: int, previous):
     """Momentum-encoder features of the train split (exactly once across ranks) -> hierarchy."""
     start = time.time()
-    loader = build_loader(cfg.data, split=cfg.data.train_split, mode="eval", rank=dist.rank(),
-                          world=dist.world(), epoch=epoch, seed=cfg.run.seed, device=dist.device())
     model.eval()
     try:
-        idx, feats = extract_features(model.embed_momentum, loader, num_batches=len(loader),
-                                      desc=f"features epoch {epoch}")
+        found = split_features(model.embed_momentum, cfg.data, cfg.data.train_split, epoch=epoch,
+                               seed=cfg.run.seed, normalize=True, desc=f"features epoch {epoch}")
     finally:
         model.train()
-        loader.close()
-    prototypes = hierarchical_kmeans(idx, feats, num_samples=num_samples,
+    prototypes = hierarchical_kmeans(found.idx, found.feats, num_samples=num_samples,
                                      num_clusters=cfg.hcsc.num_clusters, cfg=cfg.cluster,
                                      temperature=cfg.model.temperature, previous=previous)
     log.info("epoch %d: clustering took %.1fs", epoch, time.time() - start)
@@ -107,6 +104,7 @@ def _train_epoch(engine: Engine, cfg: Config, epoch: int, point: checkpoint.Resu
     if cfg.run.max_steps_per_epoch:
         total = min(total, cfg.run.max_steps_per_epoch)
     meter = _Throughput()
+    fault = faults.step_hook(dist.rank())  # None unless a crash test asks for one
     bar = progress(total=total, initial=point.batch_in_epoch, desc=f"epoch {epoch}")
     try:
         for k, batch in enumerate(loader, start=point.batch_in_epoch):
@@ -115,7 +113,8 @@ def _train_epoch(engine: Engine, cfg: Config, epoch: int, point: checkpoint.Resu
             meter.data_ready()
             out = engine.train_step(batch, point.prototypes, epoch)
             point.batch_in_epoch, point.global_step = k + 1, point.global_step + 1
-            _test_crash_hook(point.global_step)
+            if fault is not None:
+                fault(point.global_step)
             meter.step_done(len(batch) * dist.world())
             bar.update(1)
             if point.global_step % cfg.run.log_every == 0 or k + 1 == total:
@@ -131,14 +130,6 @@ def _train_epoch(engine: Engine, cfg: Config, epoch: int, point: checkpoint.Resu
     point.epoch, point.batch_in_epoch = epoch + 1, 0
     log.info("epoch %d done: %s", epoch, " ".join(f"{k}={v:.3g}" for k, v in meter.summary().items()))
     return False
-
-
-def _test_crash_hook(step: int) -> None:
-    """HCSC_TEST_DIE_AT=rank:step makes that rank die abruptly after that step (tests of the
-    dead-rank behaviour: the job must exit non-zero, never hang)."""
-    target = os.environ.get("HCSC_TEST_DIE_AT")
-    if target and target == f"{dist.rank()}:{step}":
-        os._exit(17)
 
 
 def _save(engine: Engine, cfg: Config, point: checkpoint.ResumePoint) -> None:

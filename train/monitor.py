@@ -11,38 +11,26 @@ import logging
 import numpy as np
 import torch
 
+from cluster.features import split_features
+from core import dist
+from core.config import Config
 from evaluate.knn import knn_predict, topk_accuracy
 from evaluate.metrics import clustering_scores
-from pipeline import build_loader
 from shards.format import split_info
-from train import dist
-from train.config import Config
-from train.logging import progress
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def trunk_features(model, cfg: Config, split: str, *, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (features, labels) of `split`, every sample exactly once across ranks."""
-    loader = build_loader(cfg.data, split=split, mode="eval", rank=dist.rank(), world=dist.world(),
-                          epoch=epoch, seed=cfg.run.seed, device=dist.device())
-    feats, labels = [], []
     was_training = model.training
     model.eval()
     try:
-        for batch in progress(loader, total=len(loader), desc=f"features {split}"):
-            feats.append(model.backbone_features(batch.views[0], which="q").float())
-            labels.append(batch.cls)
+        found = split_features(lambda x: model.backbone_features(x, which="q"), cfg.data, split,
+                               epoch=epoch, seed=cfg.run.seed)
     finally:
         model.train(was_training)
-        if hasattr(loader, "close"):
-            loader.close()
-    if not feats:
-        dim = model.feat_dim  # trunk output width (2048 for ResNet-50)
-        device = dist.device()
-        return torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat(feats), torch.cat(labels)
+    return found.feats, found.cls
 
 
 def evaluate(model, cfg: Config, *, epoch: int, with_nmi: bool = False) -> dict[str, float]:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from train import dist
-from train.config import Config, to_yaml
+from core import dist
+from core.config import Config, to_yaml
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from train.config import Config, scaled_lr
+from core.config import Config, scaled_lr
 
 
 def lr_at(cfg: Config, epoch: int, world: int) -> float:

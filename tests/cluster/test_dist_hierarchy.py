@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cluster.hierarchy import hierarchical_kmeans
+from core import dist
+from core.config import ClusterConfig
 from tests.cluster._data import planted
-from train import dist
-from train.config import ClusterConfig
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cluster.hierarchy import hierarchical_kmeans
+from core.config import ClusterConfig
 from tests.cluster._data import planted
-from train.config import ClusterConfig
 
 pytestmark = pytest.mark.gpu
 

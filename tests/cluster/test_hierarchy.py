@@ -9,17 +9,18 @@ import pytest
 import torch
 
 from cluster.concentration import cluster_sums, concentration
-from cluster.hierarchy import HierarchyResult, hierarchical_kmeans
+from cluster.hierarchy import hierarchical_kmeans
 from cluster.kmeans import assign
+from cluster.prototypes import Prototypes
+from core.config import ClusterConfig
 from tests.cluster._data import planted
-from train.config import ClusterConfig
 
 LEVELS = [20, 10, 5]
 T = 0.2
 
 
 @pytest.fixture(scope="module")
-def result() -> tuple[torch.Tensor, torch.Tensor, HierarchyResult]:
+def result() -> tuple[torch.Tensor, torch.Tensor, Prototypes]:
     idx, feats = planted()
     return idx, feats, hierarchical_kmeans(idx, feats, num_samples=2000, num_clusters=LEVELS,
                                            cfg=ClusterConfig(), temperature=T)
@@ -99,7 +100,7 @@ def test_stats_are_reported(result):
 def test_to_keeps_the_warm_start_state(result):
     _, _, protos = result
     moved = protos.to("cpu")
-    assert isinstance(moved, HierarchyResult) and len(moved.raw_centroids) == 3
+    assert isinstance(moved, Prototypes) and len(moved.raw_centroids) == 3
     assert moved.stats == protos.stats
 
 

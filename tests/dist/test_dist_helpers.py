@@ -1,11 +1,11 @@
-"""train/dist.py on 2 gloo ranks, and its single-process answers."""
+"""core/dist.py on 2 gloo ranks, and its single-process answers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train import dist
+from core import dist
 
 pytestmark = pytest.mark.dist
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import HCSCConfig, ModelConfig
 from model.checkpoint_io import official_state_dict
 from model.hcsc import HCSC
-from train.config import HCSCConfig, ModelConfig
 
 TRAIN_N, VAL_N = 160, 64
 

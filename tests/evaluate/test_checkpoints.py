@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+from core.config import HCSCConfig, ModelConfig
 from evaluate.checkpoints import CheckpointError, load_backbone, read_checkpoint
 from evaluate.interop import detectron2_key, export_detectron2, export_torchvision, import_official
 from model.checkpoint_io import load_official_state_dict
@@ -17,7 +18,6 @@ from model.encoders import create_encoder, pooled_features
 from model.hcsc import HCSC
 from model.heads import build_head
 from tests.evaluate.conftest import tiny_hcsc
-from train.config import HCSCConfig, ModelConfig
 
 
 def _official_resnet18(seed: int = 0) -> tuple[dict, torch.nn.Module]:

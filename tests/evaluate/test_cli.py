@@ -90,7 +90,7 @@ def test_cluster_refuses_impossible_levels(fm_shards, official_ckpt, capsys):
 
 
 def _linear_mode_missing(shards: Path) -> str | None:
-    from evaluate.features import data_config
+    from evaluate.data import data_config
     from pipeline import build_loader
 
     try:

@@ -50,7 +50,7 @@ def test_topk_accuracy_by_hand():
 
 
 def _split_bank_knn(bank, labels, queries):
-    from train import dist
+    from core import dist
 
     part = torch.tensor_split(torch.arange(len(bank)), dist.world())[dist.rank()]
     return knn_predict(bank[part], labels[part], queries, num_classes=5, k=7, temperature=0.07)

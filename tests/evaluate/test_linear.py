@@ -92,7 +92,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
 
 def _two_rank_probe(init: dict) -> dict:
-    from train import dist
+    from core import dist
 
     fc = make_classifier(DIM, CLASSES)
     fc.load_state_dict(init)

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from cluster.prototypes import Prototypes
+from core.config import HCSCConfig, ModelConfig
 from model.hcsc import HCSC
 from pipeline.batch import Batch
-from train.config import HCSCConfig, ModelConfig
 
 DIM = 16
 SIZES = (12, 6, 3)
@@ -38,8 +38,13 @@ def make_model(*, queue: int = 64, multi_crop: bool = False, seed: int = 0, **hc
     mcfg = ModelConfig(encoder="resnet18_small", dim=DIM, queue_size=queue, temperature=T)
     hcfg = HCSCConfig(num_clusters=list(SIZES), warmup_epochs=1, **hcsc)
     model = HCSC(mcfg, hcfg, multi_crop=multi_crop)
-    model.keep_terms = True
+    record_last_step(model)
     return model
+
+
+def record_last_step(model: HCSC) -> None:
+    """Keep the last step's `StepRecord` as `model.last_terms` (what the tests inspect)."""
+    model.step_observer = lambda record: setattr(model, "last_terms", record)
 
 
 def make_batch(b: int = 8, n: int = 40, size: int = 8, local: int = 0, seed: int = 0) -> Batch:

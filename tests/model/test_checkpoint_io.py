@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
+from core.config import HCSCConfig, ModelConfig
 from model.checkpoint_io import load_official_state_dict, official_state_dict
 from model.hcsc import HCSC
 from tests.model._helpers import make_model
-from train.config import HCSCConfig, ModelConfig
 
 
 def _official_layout(model) -> dict[str, torch.Tensor]:

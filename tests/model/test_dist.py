@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import dist
 from model.encoders import create_encoder
 from model.momentum import shuffled_keys
 from pipeline.batch import Batch
 from tests.conftest import run_on_ranks
 from tests.model._helpers import make_batch, make_model, make_prototypes
-from train import dist
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 PER_RANK = 4

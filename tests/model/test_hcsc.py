@@ -232,7 +232,7 @@ def test_momentum_update_value_and_bn_buffers_not_copied():
     momentum_update_(ref_k, model.encoder_q, 0.999)
     ref_k(batch.views[1])  # its own train-mode forward: the only thing that moves its BN buffers
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
-    model.forward_backward(batch, None, epoch=0)
+    model(batch, None, epoch=0)["loss"].backward()
     for n, p in model.encoder_k.named_parameters():
         torch.testing.assert_close(p, 0.999 * k_old[n] + 0.001 * q_old[n], atol=1e-7, rtol=1e-6)
     for n, buf in model.encoder_k.named_buffers():
@@ -298,17 +298,18 @@ def test_bad_inputs_fail_with_a_named_key():
 
 @pytest.mark.gpu
 def test_step_has_no_host_sync_on_cuda():
-    """forward_backward on CUDA with sync debug mode 'error': any .item()/.cpu()/nonzero raises."""
+    """A training step (forward, backward) on CUDA with sync debug mode 'error': any
+    .item()/.cpu()/nonzero raises."""
     model = make_model(queue=64, multi_crop=True, selection_on_local=True).cuda()
-    model.keep_terms = False
+    model.step_observer = None
     protos = make_prototypes().to("cuda")
     batch = make_batch(local=4).to("cuda")
     model.mask_sampler = selection.sample_mask
-    model.forward_backward(batch, protos, epoch=1)  # warm the cache (its refresh may allocate)
+    model(batch, protos, epoch=1)["loss"].backward()  # warm the cache (its refresh may allocate)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            model.forward_backward(batch, protos, epoch=1)
+            model(batch, protos, epoch=1)["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

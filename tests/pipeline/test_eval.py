@@ -73,7 +73,7 @@ def test_dali_and_torch_agree_in_eval(jpeg_shards, interpolation):
 
 def _eval_on_rank(folder: str) -> list[int]:
     """One real gloo rank: its eval loader's idx, then everyone's via `dist.all_gather_object`."""
-    from train import dist
+    from core import dist
 
     cfg = config(folder, "dali", eval_batch_size=32)
     with build_loader(cfg, split="train", mode="eval", rank=dist.rank(), world=dist.world(), epoch=0,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.config import DataConfig
 from pipeline import build_loader
 from pipeline.augment import MEAN, STD, view_specs
 from tests.pipeline.conftest import FMNIST_TRAIN, shard_labels
-from train.config import DataConfig
 
 BACKENDS = ["dali", "torch"]
 

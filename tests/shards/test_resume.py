@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.faults import STALL_ENV
 from shards.build import build_shards
 from shards.format import INFO_NAME
 from shards.verify import verify
-from shards.writer import STALL_ENV
 
 ROOT = Path(__file__).parents[2]
 

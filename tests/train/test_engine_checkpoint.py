@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.config import load_config
+from core.config import load_config
 from train.engine import deepspeed_config
 
 pytestmark = pytest.mark.dist
@@ -35,7 +35,8 @@ def _batches(rank, n=6):
 
 
 def _train_save_resume(run_dir: str, zero_stage: int):
-    from train import checkpoint, dist
+    from core import dist
+    from train import checkpoint
     from train.engine import Engine
 
     cfg = load_config(None, ["data.batch_size=4", "model.queue_size=8",
@@ -105,6 +106,7 @@ def test_kill_during_save_leaves_previous_checkpoint(dist_run, tmp_path):
 def _full_disk_saves(run_dir: str):
     import shutil
 
+    from core.runfolder import RunFolder
     from train import checkpoint
     from train.engine import Engine
 
@@ -122,9 +124,9 @@ def _full_disk_saves(run_dir: str):
     with pytest.raises(checkpoint.CheckpointWriteError) as failed:
         checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 2, 2), config_yaml="", keep_last=3)
     engine.save = real_save
-    after_failure = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir())
+    after_failure = sorted(p.name for p in RunFolder.at(run_dir).checkpoints.iterdir())
 
-    previous = checkpoint.checkpoint_dir(run_dir) / "epoch0000-batch000001"
+    previous = RunFolder.at(run_dir).checkpoints / "epoch0000-batch000001"
     size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
     real_usage = shutil.disk_usage
     checkpoint.shutil.disk_usage = lambda path: real_usage(path)._replace(free=size // 2)
@@ -133,7 +135,7 @@ def _full_disk_saves(run_dir: str):
             checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 3, 3), config_yaml="", keep_last=3)
     finally:
         checkpoint.shutil.disk_usage = real_usage
-    after_refusal = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir())
+    after_refusal = sorted(p.name for p in RunFolder.at(run_dir).checkpoints.iterdir())
     return str(failed.value), after_failure, str(refused.value), after_refusal
 
 

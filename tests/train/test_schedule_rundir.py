@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from core.config import load_config, to_yaml
 from train import rundir
-from train.config import load_config, to_yaml
 from train.schedule import lr_at
 
 

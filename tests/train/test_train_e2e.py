@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.faults import DIE_AT_ENV
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,7 @@ def test_deepspeed_launcher_runs_two_ranks(fmnist_shards, tmp_path):
 
 
 def test_a_dead_rank_ends_the_job_with_an_error(fmnist_shards, tmp_path):
-    env = _env() | {"HCSC_TEST_DIE_AT": "1:3"}
+    env = _env() | {DIE_AT_ENV: "1:3"}
     start = time.time()
     proc = subprocess.run(_command(fmnist_shards, tmp_path / "run", "engine.collective_timeout_s=60",
                                    ranks=2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from train import dist
+from core import dist
 
 _FORMAT = "%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.errors import first_line
+
 BACKENDS = ("dali", "torch")
 INTERPOLATIONS = ("bilinear", "bicubic")  # eval-mode resize filters
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -258,7 +260,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    first = first_line(err)
     if type(err).__name__ == "ConfigKeyError":
         return f"{key}: unknown config key ({first}); see `hcsc-train --print-config` for valid keys"
     return f"{key}: {first}"

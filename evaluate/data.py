@@ -1,0 +1,19 @@
+"""Loader settings for evaluation: the `DataConfig` every `hcsc-eval` command builds its loaders from."""
+
+from __future__ import annotations
+
+from core.config import DataConfig
+
+
+def data_config(shards: str, *, backend: str = "dali", image_size: int = 224, resize: int = 256,
+                interpolation: str = "bilinear", batch_size: int = 128, workers: int = 4,
+                min_scale: float = 0.08) -> DataConfig:
+    """A `DataConfig` for evaluation: `batch_size` per rank serves both eval and linear mode.
+
+    ``min_scale`` 0.08 is torchvision's RandomResizedCrop default, the linear protocol (spec 7.1).
+    ``interpolation`` is the eval-mode resize filter (bicubic for kNN and clustering, spec 7.1).
+    """
+    return DataConfig(shards=str(shards), backend=backend, image_size=image_size, eval_resize=resize,
+                      eval_interpolation=interpolation,
+                      batch_size=batch_size, eval_batch_size=batch_size, workers=workers,
+                      min_scale=min_scale, max_scale=1.0, blur=False)
