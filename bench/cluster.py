@@ -1,6 +1,6 @@
 """Benchmark: hierarchical k-means + concentration, ours (1 and 2 gloo ranks) vs the reference.
 
-The reference procedure (spec 2.3-2.4), rewritten here from the spec: one process, faiss.Clustering
+The reference procedure (method.md §2.3-2.4), rewritten here from the spec: one process, faiss.Clustering
 on host numpy with the official settings per level (niter, nredo, seed = level index, max/min
 points per centroid 1000/10, flat L2 index), `index.search` for the assignments, then the
 per-sample Python loop of the official PCL/HCSC code for the concentration and Python list
@@ -15,7 +15,7 @@ exists (the increment is what clustering itself holds). Time excludes data gener
 Usage: python bench/cluster.py            (~2 min on 2 cores: N=20k, nredo 2)
        python bench/cluster.py --full     (N=200k, niter 20, nredo 5: the recorded numbers)
        --prune-ablation adds ours on 1 rank with cluster.prune=false (every row searched).
-Last line: one JSON object (design.md section 5).
+Last line: one JSON object (docs/architecture.md#benchmarks).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _peak_mb() -> float:
 
 def reference_procedure(x: np.ndarray, levels: list[int], niter: int, nredo: int, temperature: float,
                         early_stop: bool = False) -> dict:
-    """The official run_hkmeans + PCL concentration, one process (spec 2.3-2.4).
+    """The official run_hkmeans + PCL concentration, one process (method.md §2.3-2.4).
 
     `early_stop=False` reproduces the official code's faiss (1.7.x, pinned with torch 1.8.1): every
     restart runs all `niter` iterations. faiss >= 1.8 stops a restart once the objective stops

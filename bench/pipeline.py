@@ -1,13 +1,13 @@
 """Pipeline throughput: our DALI loader from shards vs the reference HCSC loader, same images and cores.
 
 Ours: `pipeline.build_loader` (DALI, CPU mode, `workers` threads) over WebDataset shards.
-Reference: the official HCSC loader's recipe, torchvision ImageFolder + PIL transforms of spec 5.3
+Reference: the official HCSC loader's recipe, torchvision ImageFolder + PIL transforms of method.md §5.3
 (`TwoCropsTransform` / multi-crop) in a DataLoader with the same number of workers.
 Images: the 20 real foolbox ImageNet JPEGs re-encoded as ImageNet-like photos (random crops,
 500x375 / 375x500 / 500x333 / 333x500 and a few others, quality 90), cached under bench/out/.
 
 Usage: python bench/pipeline.py [--full] [--profile]. The last output line is the JSON record
-(design.md section 5); ``ours`` / ``baseline`` are two-view images/s at 224 px.
+(docs/architecture.md#benchmarks); ``ours`` / ``baseline`` are two-view images/s at 224 px.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from realdata import foolbox_jpegs  # noqa: E402  (bench/realdata.py)
 
 from core.config import DataConfig  # noqa: E402
 from pipeline import augment as aug  # noqa: E402
-from pipeline import build_loader, dali_graph, dali_loader  # noqa: E402
+from pipeline import build_loader, dali_graph  # noqa: E402
 from pipeline.reference import view_transform  # noqa: E402
 from shards.build import build_shards  # noqa: E402
 
@@ -90,18 +90,16 @@ def timed(batches, images_per_batch) -> tuple[float, float]:
     return count / wall, (cpu_seconds() - cpu0) * 1000 / (total + count)
 
 
-def ours(shards: Path, cfg: DataConfig, roi: bool | None = None, antialias: bool | None = None
-         ) -> tuple[float, float]:
+def ours(shards: Path, cfg: DataConfig, antialias: bool | None = None) -> tuple[float, float]:
     cfg = DataConfig(**{**cfg.__dict__, "shards": str(shards)})
-    defaults = dali_loader.ROI_DECODE_CPU, dali_graph.TRAIN_ANTIALIAS
-    dali_loader.ROI_DECODE_CPU = defaults[0] if roi is None else roi
-    dali_graph.TRAIN_ANTIALIAS = defaults[1] if antialias is None else antialias
+    default = dali_graph.TRAIN_ANTIALIAS
+    dali_graph.TRAIN_ANTIALIAS = default if antialias is None else antialias
     try:
         with build_loader(cfg, split="train", mode="train", rank=0, world=1, epoch=0, seed=0,
                           device=torch.device("cpu")) as loader:
             return timed(loader, len)
     finally:
-        dali_loader.ROI_DECODE_CPU, dali_graph.TRAIN_ANTIALIAS = defaults
+        dali_graph.TRAIN_ANTIALIAS = default
 
 
 class MultiViews:
@@ -151,12 +149,9 @@ def main() -> None:
                                           for k, v in rows.items()), flush=True)
     if args.profile:
         no_blur = DataConfig(**{**cfg.__dict__, "blur": False})
-        for name, c, roi, aa in [("decode once", cfg, False, None), ("ROI decode", cfg, True, None),
-                                 ("decode once, no blur", no_blur, False, None),
-                                 ("decode once, no antialias", cfg, False, False),
-                                 ("multi-crop decode once", multi, False, None),
-                                 ("multi-crop ROI", multi, True, None)]:
-            speed, cpu = ours(shards, c, roi, aa)
+        for name, c, aa in [("default", cfg, None), ("no blur", no_blur, None),
+                            ("no antialias", cfg, False), ("multi-crop", multi, None)]:
+            speed, cpu = ours(shards, c, aa)
             print(f"profile: {name}: {speed:.1f} images/s, {cpu:.2f} CPU ms/image", flush=True)
     med = {k: float(np.median([x[0] for x in v])) for k, v in rows.items()}
     cpu = {k: float(np.median([x[1] for x in v])) for k, v in rows.items()}

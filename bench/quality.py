@@ -118,7 +118,7 @@ class Bench:
 
     def evaluate(self, checkpoint: Path, name: str) -> dict[str, float]:
         # bilinear for every command: the recorded (cached) results were measured with it, before
-        # knn/cluster defaulted to spec 7.1's bicubic (28 px images upscaled to 32: a minor change)
+        # knn/cluster defaulted to method.md §7.1's bicubic (28 px images upscaled to 32: a minor change)
         base = ["--checkpoint", str(checkpoint), "--encoder", "resnet18_small_w16", "--image-size", "32",
                 "--resize", "32", "--interpolation", "bilinear", "--workers", str(self.workers)]
         common = [*base, "--train-shards", str(self.shards), "--val-shards", str(self.shards)]

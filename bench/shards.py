@@ -14,7 +14,7 @@ system, workers included) shows the cost independently of how busy the shared co
 Goal: 2 workers >= 1.8x the naive baseline.
 
 Usage: ``python bench/shards.py`` (about 2 minutes on 2 cores) or ``--full`` for the recorded numbers.
-The last line of output is one JSON object (design.md section 5).
+The last line of output is one JSON object (docs/architecture.md#benchmarks).
 """
 
 from __future__ import annotations

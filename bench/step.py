@@ -1,4 +1,4 @@
-"""Step benchmark: HCSC step time / MoCo v2 step time on the same model and batch (design 5).
+"""Step benchmark: HCSC step time / MoCo v2 step time on the same model and batch.
 
 CPU, 2 threads, resnet18_small at 32 px, batch 64, queue 16384, prototypes 3000/2000/1000 over a
 synthetic dataset of N = 50k. A step is forward + backward + SGD step (the momentum update and the
@@ -14,7 +14,7 @@ by round, so that load from other processes hits all of them alike; medians afte
   Written here only, to show what vectorising buys; same maths, same losses.
 
 Usage: ``python bench/step.py`` (quick, ~2 min on 2 cores) or ``--full`` (the recorded numbers).
-The last output line is one JSON object (design 5).
+The last output line is one JSON object (docs/architecture.md#benchmarks).
 """
 
 from __future__ import annotations

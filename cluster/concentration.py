@@ -1,4 +1,4 @@
-"""Prototype concentration phi (spec 2.4; "density" in the official code, the PCL formula).
+"""Prototype concentration phi (method.md §2.4; "density" in the official code, the PCL formula).
 
 Computed from per-cluster aggregates (member count and sum of sqrt distances), so level 1 needs
 only one all-reduce of two (M,) vectors instead of the official per-sample Python loop.
@@ -22,7 +22,7 @@ def cluster_sums(labels: torch.Tensor, sq_dist: torch.Tensor, k: int) -> tuple[t
 
 def concentration(counts: torch.Tensor, dist_sums: torch.Tensor, temperature: float,
                   level: int) -> torch.Tensor:
-    """phi for one level (spec 2.4), float32 (M,), mean exactly `temperature` (to float32).
+    """phi for one level (method.md §2.4), float32 (M,), mean exactly `temperature` (to float32).
 
     1. phi_m = mean(d_x) / ln(|S_m| + 10) for clusters with more than one member;
     2. singletons and empty clusters get the max of those;

@@ -1,9 +1,9 @@
-"""Hierarchical k-means into `Prototypes` (spec 2.3-2.5, design.md "Clustering").
+"""Hierarchical k-means into `Prototypes` (method.md §2.3-2.5; docs/architecture.md#decisions).
 
 Level 1 clusters the image features sharded over ranks (`kmeans.kmeans`, one all-reduce per
 iteration). Everything after it is small (thousands of rows): rank 0 clusters the L2-normalised
 centroids of each level into the next, computes the concentrations and similarity matrices, and
-broadcasts them, so the result is bit-identical on every rank (spec 2.5: broadcast, not
+broadcasts them, so the result is bit-identical on every rank (method.md §2.5: broadcast, not
 recomputed). `im2cluster` is placed by dataset index after a check that every index is on exactly
 one rank, so no duplicate is ever summed.
 """
@@ -59,9 +59,9 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
             0..num_samples-1, each once (checked).
         features: float32 (n_local, d) L2-normalised embeddings (n_local may be 0).
         num_samples: N, the dataset size.
-        num_clusters: M_1 > ... > M_L (spec 2.3: 3000, 2000, 1000).
+        num_clusters: M_1 > ... > M_L (method.md §2.3: 3000, 2000, 1000).
         cfg: k-means settings.
-        temperature: T, the mean concentration at every level (spec 2.4).
+        temperature: T, the mean concentration at every level (method.md §2.4).
         previous: last epoch's result; used only when `cfg.warm_start`.
 
     Returns:
@@ -77,7 +77,7 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
     level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0])
     upper = _from_rank0(level1, num_clusters, cfg, temperature, inits, device)
     im2cluster = [y1]
-    for parent in upper.cluster2cluster:  # spec 2.3: y^{l+1} = pi_l[y^l]
+    for parent in upper.cluster2cluster:  # method.md §2.3: y^{l+1} = pi_l[y^l]
         im2cluster.append(parent[im2cluster[-1]])
     _log_stats(upper.stats)
     return Prototypes(im2cluster, upper.centroids, upper.density, upper.cluster2cluster, upper.logits,
@@ -106,7 +106,7 @@ def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int,
 
 def _from_rank0(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
                 inits: list[np.ndarray | None], device: torch.device) -> _UpperLevels:
-    """Rank 0 computes everything small and broadcasts it (spec 2.5); errors reach every rank."""
+    """Rank 0 computes everything small and broadcasts it (method.md §2.5); errors reach every rank."""
     logits = None
     upper = None
     if dist.is_main():
@@ -155,7 +155,7 @@ def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, tempe
             start = time.perf_counter()
             x = out.centroids[-1].to(device)
             ids = torch.arange(x.shape[0], device=device)
-            # spec 2.3: the child centroids are clustered unweighted, seed = 0-based level index
+            # method.md §2.3: the child centroids are clustered unweighted, seed = 0-based level index
             km = kmeans(x, ids, num_samples=x.shape[0], k=k_next, seed=level - 1, distributed=False,
                         **_run_args(cfg, inits[level - 1]))
             parent, sq_dist = assign(x, km.centroids)
@@ -165,7 +165,7 @@ def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, tempe
                        inits[level - 1] is not None)
             out.cluster2cluster.append(parent.cpu())
             logits = out.centroids[-2] @ out.centroids[-1].T
-            # |cos| <= 1 (spec 10.5); unit vectors can overshoot by an ulp in float32
+            # |cos| <= 1 (method.md §10.5); unit vectors can overshoot by an ulp in float32
             out.logits.append(logits.clamp_(-1.0, 1.0))
         return out
     except ValueError as err:
@@ -177,7 +177,7 @@ def _add_level(out: _UpperLevels, level: int, km: KMeansResult, counts: torch.Te
                warm: bool) -> None:
     raw = torch.from_numpy(km.centroids.copy())
     out.raw_centroids.append(raw)
-    # spec 2.3: centroids are L2-normalised after clustering; assignments used the raw ones
+    # method.md §2.3: centroids are L2-normalised after clustering; assignments used the raw ones
     out.centroids.append(F.normalize(raw, dim=1))
     out.density.append(concentration(counts, sums, temperature, level))
     out.stats.append(LevelStats(

@@ -1,4 +1,5 @@
-"""Sharded Lloyd k-means with the semantics of `faiss.Clustering` (design.md "Clustering", spec 2.3).
+"""Sharded Lloyd k-means with the semantics of `faiss.Clustering` (method.md §2.3; see also
+docs/architecture.md#decisions).
 
 Every rank holds only its own rows, each identified by a global id in [0, n) (the dataset index
 at level 1). An iteration assigns the local rows with a faiss flat L2 index over the current
@@ -83,8 +84,8 @@ class Searcher:
             self._res = faiss.StandardGpuResources()
             config = faiss.GpuIndexFlatConfig()
             config.device = device.index or 0
-            config.useFloat16 = False  # spec 2.3: fp32 index, as the official code
-            self.index = faiss.GpuIndexFlatL2(self._res, d, config)
+            config.useFloat16 = False  # method.md §2.3: fp32 index, as the official code
+            self.index: faiss.Index = faiss.GpuIndexFlatL2(self._res, d, config)
         else:
             if device.type == "cuda":
                 log.warning("faiss-gpu is not installed: k-means searches on the CPU (host copies)")
@@ -101,8 +102,8 @@ class Searcher:
         if self._gpu:
             dis, lab = self.index.search(x.contiguous(), 1)
             return dis[:, 0], lab[:, 0]
-        dis, lab = self.search_numpy(np.ascontiguousarray(x.detach().cpu().numpy()), 1)
-        return torch.from_numpy(dis[:, 0]).to(x.device), torch.from_numpy(lab[:, 0]).to(x.device)
+        dis_np, lab_np = self.search_numpy(np.ascontiguousarray(x.detach().cpu().numpy()), 1)
+        return torch.from_numpy(dis_np[:, 0]).to(x.device), torch.from_numpy(lab_np[:, 0]).to(x.device)
 
     def search_numpy(self, x: np.ndarray, k: int,
                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +210,7 @@ class BoundedAssignment:
         # fewer centroids than TRACKED + 2: faiss pads with id -1; no centroid, no constraint
         lower = np.sqrt(np.maximum(dist[:, 1:].astype(np.float64) - margin[rows, None], 0.0))
         lower[ids[:, 1:] < 0] = np.inf
+        assert self.labels is not None  # set by `assign` before any search
         self.labels[rows] = ids[:, 0]
         self.near_ids[rows] = np.maximum(ids[:, 1:-1], 0)
         self.near_lower[rows] = lower[:, :-1]
@@ -233,6 +235,7 @@ class BoundedAssignment:
         position[movers] = np.arange(self.MOVERS)
         c_movers = np.ascontiguousarray(c64[movers], dtype=np.float32)
         rows = np.arange(self._DIST_CHUNK)
+        assert self.labels is not None  # only called once rows have labels
         for start in range(0, len(self.x), self._DIST_CHUNK):
             stop = min(start + self._DIST_CHUNK, len(self.x))
             # faiss's own BLAS, not numpy's: numpy's OpenBLAS threads stay awake after a product and
@@ -309,6 +312,7 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
         if init is None:
             order = faiss_compat.rand_perm_prefix(n, k, seed + 1 + redo * faiss_compat.REDO_SEED_STRIDE)
             centroids = _fetch_rows(x, ids, order, d, reduce)
+        assert centroids is not None  # from `init` or just drawn
         _post_process(centroids, spherical)
         objective, nsplit, labels, done = 0.0, 0, None, 0
         on_cpu = x.device.type == "cpu"

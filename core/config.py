@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -42,10 +43,11 @@ class DataConfig:
     image_size: int = 224  # px, side of the query and key crops
     min_scale: float = 0.2  # RandomResizedCrop lower area fraction of the 2 global views
     max_scale: float = 1.0  # RandomResizedCrop upper area fraction of the 2 global views
-    multi_crop: bool = False  # add the local views (6 views in all, spec 5.3)
+    multi_crop: bool = False  # add the local views (6 views in all, method.md §5.3)
     local_crop_sizes: list[int] = field(default_factory=lambda: [192, 160, 128, 96])  # px
     eval_resize: int = 256  # px, shorter side before the center crop in eval mode
-    # eval-mode resize filter: bilinear (spec 2.2, the clustering features) | bicubic (spec 7.1: the
+    # eval-mode resize filter: bilinear (method.md §2.2, the clustering features) | bicubic
+    # (method.md §7.1: the
     # kNN and clustering evaluations; `hcsc-eval knn|cluster|report` default to it)
     eval_interpolation: str = "bilinear"
     batch_size: int = 32  # images per rank per step
@@ -93,11 +95,11 @@ class ModelConfig:
 @dataclass
 class HCSCConfig:
     num_clusters: list[int] = field(default_factory=lambda: [3000, 2000, 1000])  # fine -> coarse
-    warmup_epochs: int = 20  # epochs of plain MoCo v2 before clustering starts (spec 2.1)
-    instance_selection: bool = True  # ICSC, spec 3
-    proto_selection: bool = True  # PCSC, spec 4
-    selection_on_local: bool = False  # reuse the global instance masks for local views (spec 5.1)
-    # Deviation flags: False reproduces the official code (spec 3, 4, 9).
+    warmup_epochs: int = 20  # epochs of plain MoCo v2 before clustering starts (method.md §2.1)
+    instance_selection: bool = True  # ICSC, method.md §3
+    proto_selection: bool = True  # PCSC, method.md §4
+    selection_on_local: bool = False  # reuse the global instance masks for local views (method.md §5.1)
+    # Deviation flags: False reproduces the official code (method.md §3, 4, 9).
     remove_dropped_negatives: bool = False  # True: dropped negatives are -inf, not logit 0
     fix_last_prototype: bool = False  # True: the last prototype id can be a negative (PCL #20)
     average_instance_loss: bool = False  # True: instance loss averaged over levels, not summed
@@ -131,9 +133,9 @@ class ClusterConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.03  # base learning rate per 256 images of global batch
-    scale_lr: bool = True  # lr = base lr x global batch / 256 (spec 5.2)
+    scale_lr: bool = True  # lr = base lr x global batch / 256 (method.md §5.2)
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # on every parameter, BN and biases included (spec 5.2)
+    weight_decay: float = 1e-4  # on every parameter, BN and biases included (method.md §5.2)
     schedule: str = "cosine"  # cosine (per epoch, to final_lr) | constant
     final_lr: float = 0.0  # lr at the end of the cosine schedule
     epochs: int = 200  # total training epochs
@@ -206,7 +208,7 @@ def global_batch(cfg: Config, world: int) -> int:
 
 
 def scaled_lr(cfg: Config, world: int) -> float:
-    """The spec 5.2 rule: base lr x global batch / 256 (when `optim.scale_lr`)."""
+    """The method.md §5.2 rule: base lr x global batch / 256 (when `optim.scale_lr`)."""
     scale = global_batch(cfg, world) / 256 if cfg.optim.scale_lr else 1.0
     return cfg.optim.lr * scale
 
@@ -229,7 +231,7 @@ def _world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 *, world: int | None = None) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema, then validate.
 
@@ -251,7 +253,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if bad:
             raise ConfigError(f"override {bad[0]!r}: expected key=value, e.g. optim.lr=0.06")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        cfg: Config = OmegaConf.to_object(merged)  # runs every __post_init__
+        cfg = cast(Config, OmegaConf.to_object(merged))  # runs every __post_init__
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
     validate(cfg, _world_from_env() if world is None else world)

@@ -87,12 +87,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and world() > 1:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MIN)
-    return tensor
-
-
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `tensor` along dim 0, in rank order. Sizes along dim 0 may differ.
 

@@ -36,7 +36,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], *,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        text_args: dict[str, Any] = {} if binary else {"encoding": "utf-8"}
+        with os.fdopen(fd, "wb" if binary else "w", **text_args) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

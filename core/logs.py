@@ -1,7 +1,7 @@
 """One setup call for logs and metrics.
 
-Rank 0 logs to stdout; every rank logs to `run_dir/logs/rank{r}.log`; rank 0 appends metrics to
-`run_dir/metrics.jsonl` (one JSON object per line) and to TensorBoard when it is installed;
+Rank 0 logs to stdout; every rank logs to its `logs/rank{r}.log` in the run folder; rank 0 appends
+metrics to `metrics.jsonl` (one JSON object per line) and to TensorBoard when it is installed;
 progress bars show on rank 0 only.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from core import dist
+from core.runfolder import RunFolder
 
 _FORMAT = "%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
 
@@ -38,9 +39,9 @@ def setup_logging(run_dir: str | Path | None, *, rank: int | None = None,
         stream.setFormatter(formatter)
         root.addHandler(stream)
     if run_dir is not None:
-        log_dir = Path(run_dir) / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+        log_file = RunFolder.at(run_dir).rank_log(rank)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     # Libraries that log chatty INFO lines on every rank.
@@ -61,12 +62,12 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, *, enabled: bool | None = None,
                  tensorboard: bool = True) -> None:
         self.enabled = dist.is_main() if enabled is None else enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunFolder.at(run_dir).metrics
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                self._tb = _tensorboard_writer(Path(run_dir) / "tb")
+                self._tb = _tensorboard_writer(RunFolder.at(run_dir).tensorboard)
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         """One record: {"kind", "step", "time", **values}; floats must be finite or are nulled."""

@@ -1,4 +1,4 @@
-"""One reader for every checkpoint an evaluation accepts, and the backbone loader (spec 8).
+"""One reader for every checkpoint an evaluation accepts, and the backbone loader (method.md §8).
 
 Accepted inputs, all read with ``torch.load(..., weights_only=True)`` (no code runs on load):
   - a run directory of our trainer (``RUN/checkpoints/latest`` names the newest tag);
@@ -20,6 +20,7 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -64,9 +65,9 @@ class Checkpoint:
         """``model.encoder`` of the stored training config (our checkpoints only)."""
         if not self.config_yaml:
             return None
-        from omegaconf import OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-        return OmegaConf.create(self.config_yaml).get("model", {}).get("encoder")
+        return cast(DictConfig, OmegaConf.create(self.config_yaml)).get("model", {}).get("encoder")
 
 
 def torch_load(path: str | os.PathLike) -> object:
@@ -119,7 +120,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config_yaml = _run_config(file)
     if isinstance(obj.get("module"), Mapping):  # DeepSpeed model states: HCSC module keys
         state, kind = dict(obj["module"]), "deepspeed"
-    elif isinstance(obj.get("state_dict"), Mapping):  # spec 8 recipe step 1
+    elif isinstance(obj.get("state_dict"), Mapping):  # method.md §8 recipe step 1
         state, kind = dict(obj["state_dict"]), "official"
     else:
         state, kind = dict(obj), "official"
@@ -142,9 +143,9 @@ def stored_eval_sizes(path: str | os.PathLike) -> tuple[int, int] | None:
     text = _run_config(file)
     if not text:
         return None
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    data = OmegaConf.create(text).get("data", {})
+    data = cast(DictConfig, OmegaConf.create(text)).get("data", {})
     if "image_size" not in data or "eval_resize" not in data:
         return None
     return int(data["image_size"]), int(data["eval_resize"])
@@ -157,7 +158,7 @@ def _run_config(model_file: Path) -> str | None:
 
 
 def load_backbone(path: str | os.PathLike, encoder: str | None = None) -> tuple[nn.Module, int]:
-    """The frozen query-encoder trunk of a checkpoint, head dropped (spec 7.1, spec 8 recipe).
+    """The frozen query-encoder trunk of a checkpoint, head dropped (method.md §7.1, method.md §8 recipe).
 
     Args:
         path: run dir, checkpoint tag folder, official ``.pth`` or exported torchvision file.
@@ -185,7 +186,7 @@ def load_trunk_weights(trunk: nn.Module, feat_dim: int, state: Mapping[str, torc
                        where: str) -> None:
     """Load trunk keys (``fc.*`` dropped) into `trunk`; only ``fc.weight``/``fc.bias`` may be missing.
 
-    The trunk gets a real ``fc`` first, so the spec 8 check "missing == {fc.weight, fc.bias}" is
+    The trunk gets a real ``fc`` first, so the method.md §8 check "missing == {fc.weight, fc.bias}" is
     a real check rather than a tautology of ``fc = Identity``.
     """
     trunk.fc = nn.Linear(feat_dim, 1)
@@ -201,4 +202,4 @@ def load_trunk_weights(trunk: nn.Module, feat_dim: int, state: Mapping[str, torc
             f"unexpected {unexpected[:_SHOW]}, {len(bad_shapes)} of another shape {bad_shapes[:_SHOW]}; "
             "pass the --encoder the checkpoint was trained with")
     result = trunk.load_state_dict(keep, strict=False)
-    assert set(result.missing_keys) == {"fc.weight", "fc.bias"}, result  # spec 8 recipe step 5
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"}, result  # method.md §8 recipe step 5

@@ -42,12 +42,13 @@ def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str 
     p.add_argument("--encoder", default=None, help="encoder registry name (default: from our checkpoint's "
                    "config, else resnet50)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="center crop side, px (default: the run's data.image_size, else 224 as spec 7.1)")
+                   help="center crop side, px (default: the run's data.image_size, else 224, "
+                        "method.md §7.1)")
     p.add_argument("--resize", type=int, default=None,
                    help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
                    help="resize filter before the crop (default: bicubic for knn, cluster and report, "
-                   "as spec 7.1; bilinear for linear's validation, as the PCL protocol)")
+                   "as method.md §7.1; bilinear for linear's validation, as the PCL protocol)")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per rank per step")
     p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="data pipeline backend")
     p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers per rank")
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knn", help=COMMANDS["knn"])
     _common(p)
     _pair(p)
-    p.add_argument("--k", type=int_list, default=[10, 20, 100, 200], help="neighbour counts (spec 7.1)")
-    p.add_argument("--T", type=float, default=0.07, help="vote temperature exp(s/T) (spec 7.1: 0.07)")
+    p.add_argument("--k", type=int_list, default=[10, 20, 100, 200], help="neighbour counts (method.md §7.1)")
+    p.add_argument("--T", type=float, default=0.07, help="vote temperature exp(s/T) (method.md §7.1: 0.07)")
 
     p = sub.add_parser("linear", help=COMMANDS["linear"])
     _common(p, batch_default=256, out_help="folder for the resumable state and linear_result.json")

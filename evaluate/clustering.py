@@ -1,4 +1,4 @@
-"""Clustering evaluation (spec 7.1 "Clustering", HIRL's ``eval_clustering.py`` procedure).
+"""Clustering evaluation (method.md §7.1 "Clustering", HIRL's ``eval_clustering.py`` procedure).
 
 Val trunk features, L2-normalised, are clustered hierarchically with the same faiss procedure as
 training (`cluster.hierarchy.hierarchical_kmeans`: level 1 over the images, sharded over ranks;

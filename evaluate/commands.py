@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,8 +35,8 @@ def _trunk(checkpoint: str, encoder: str | None) -> tuple[torch.nn.Module, int]:
 
 def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split: str = "train",
             val_split: str = "val", ks: list[int], temperature: float = 0.07, encoder: str | None = None,
-            seed: int = 0, **loader: object) -> dict:
-    """Weighted kNN (spec 7.1): top-1/top-5 of `val_split` against the `train_split` bank, per k.
+            seed: int = 0, **loader: Any) -> dict:
+    """Weighted kNN (method.md §7.1): top-1/top-5 of `val_split` against the `train_split` bank, per k.
 
     The bank stays split over ranks; the queries are gathered on every rank.
     """
@@ -58,7 +59,7 @@ def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split:
 
 def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_clusters: list[int],
                 niter: int = 20, nredo: int = 5, encoder: str | None = None, seed: int = 0,
-                **loader: object) -> dict:
+                **loader: Any) -> dict:
     """Hierarchical k-means of the split's normalised trunk features, scored per level."""
     check_levels(num_clusters, split_info(shards, split)["num_samples"])  # before any feature work
     trunk, _ = _trunk(checkpoint, encoder)
@@ -72,8 +73,8 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
 
 def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str, train_split: str = "train",
                val_split: str = "val", protocol: LinearConfig, global_batch: int = 256,
-               encoder: str | None = None, seed: int = 0, **loader: object) -> dict:
-    """Linear probe (spec 7.1) with the train augmentation of `build_loader(mode="linear")`."""
+               encoder: str | None = None, seed: int = 0, **loader: Any) -> dict:
+    """Linear probe (method.md §7.1) with the train augmentation of `build_loader(mode="linear")`."""
     world = dist.world()
     if global_batch % world:
         raise ValueError(f"--batch-size {global_batch} (global) is not divisible by {world} ranks")

@@ -10,8 +10,8 @@ def data_config(shards: str, *, backend: str = "dali", image_size: int = 224, re
                 min_scale: float = 0.08) -> DataConfig:
     """A `DataConfig` for evaluation: `batch_size` per rank serves both eval and linear mode.
 
-    ``min_scale`` 0.08 is torchvision's RandomResizedCrop default, the linear protocol (spec 7.1).
-    ``interpolation`` is the eval-mode resize filter (bicubic for kNN and clustering, spec 7.1).
+    ``min_scale`` 0.08 is torchvision's RandomResizedCrop default, the linear protocol (method.md §7.1).
+    ``interpolation`` is the eval-mode resize filter (bicubic for kNN and clustering, method.md §7.1).
     """
     return DataConfig(shards=str(shards), backend=backend, image_size=image_size, eval_resize=resize,
                       eval_interpolation=interpolation,

@@ -1,11 +1,11 @@
-"""Checkpoint interoperability (spec 8): official HCSC import, torchvision and detectron2 export.
+"""Checkpoint interoperability (method.md §8): official HCSC import, torchvision and detectron2 export.
 
 - ``import_official``: an official (or any accepted) checkpoint -> ``{"epoch", "state_dict"}`` in
   the official key layout (``module.encoder_q.*`` ...), plain tensors only, no optimizer; what
   `model.checkpoint_io.load_official_state_dict` and every ``hcsc-eval`` command read.
 - ``export_torchvision``: the query trunk as a plain ResNet state dict without ``fc``.
 - ``export_detectron2``: MoCo's ``convert-pretrain-to-detectron2.py`` renaming, numpy arrays, the
-  trunk only (HCSC's converter also wrote encoder_k and the queue; spec 8 says filter them).
+  trunk only (HCSC's converter also wrote encoder_k and the queue; method.md §8 says filter them).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def export_torchvision(src: str | os.PathLike, out: str | os.PathLike) -> int:
 
 
 def detectron2_key(key: str) -> str:
-    """spec 8: MoCo's renaming of one torchvision trunk key to detectron2's ResNet names."""
+    """method.md §8: MoCo's renaming of one torchvision trunk key to detectron2's ResNet names."""
     if "layer" not in key:
         key = "stem." + key
     key = re.sub(r"layer([1-4])", lambda m: f"res{int(m.group(1)) + 1}", key)

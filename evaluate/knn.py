@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification (spec 7.1, DINO-style voting).
+"""Weighted k-nearest-neighbour classification (method.md §7.1, DINO-style voting).
 
 Each of the k nearest bank samples (cosine similarity s) votes for its class with weight exp(s / T).
 The bank may be split across ranks: each rank finds the top-k among its own rows, and the candidates

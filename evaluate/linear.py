@@ -1,11 +1,11 @@
-"""Linear probe on a frozen trunk (spec 7.1, "ImageNet linear", the PCL protocol HCSC uses).
+"""Linear probe on a frozen trunk (method.md §7.1, "ImageNet linear", the PCL protocol HCSC uses).
 
 Only a `nn.Linear` is trained: init N(0, 0.01), bias 0; SGD lr 5.0, momentum 0.9, no weight
 decay, 100 epochs, lr x0.1 at epochs 60 and 80; batch 256 in total over ranks. The trunk stays in
 eval mode (BN frozen) and features are not normalised. Gradients of the classifier are averaged
 over ranks through `core.dist` (every rank's train batch has the same size, so the mean of the
 per-rank means is the global mean). Validation counts correct predictions over all ranks exactly,
-not a per-batch average across ranks as the official script does (spec 9, item 17).
+not a per-batch average across ranks as the official script does (method.md §9 item 17).
 
 Resumable: after every epoch rank 0 writes classifier, optimizer, epoch, best and history to
 ``<out>/linear_state.pt`` (temporary file, then rename); a rerun continues after the last epoch.
@@ -35,7 +35,7 @@ Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 @dataclass
 class LinearConfig:
-    """The probe's protocol; defaults are spec 7.1's."""
+    """The probe's protocol; defaults are method.md §7.1's."""
 
     epochs: int = 100
     lr: float = 5.0  # not scaled with the batch (the PCL/HCSC script uses it as is for 256)
@@ -64,7 +64,7 @@ class LinearResult:
 
 
 def make_classifier(feat_dim: int, num_classes: int) -> nn.Linear:
-    """spec 7.1: fc initialised N(0, 0.01), bias 0."""
+    """method.md §7.1: fc initialised N(0, 0.01), bias 0."""
     fc = nn.Linear(feat_dim, num_classes)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
@@ -118,7 +118,7 @@ def _resume(path: Path | None, classifier: nn.Module, optimizer: torch.optim.Opt
 def train_linear(classifier: nn.Module, train_batches: Batches,
                  evaluate: Callable[[nn.Module], dict[str, float]], cfg: LinearConfig, *,
                  out_dir: str | os.PathLike | None = None) -> LinearResult:
-    """Train `classifier` on frozen features with the spec 7.1 protocol; call on every rank.
+    """Train `classifier` on frozen features with the method.md §7.1 protocol; call on every rank.
 
     Args:
         classifier: the linear layer (already on the features' device).
@@ -160,7 +160,7 @@ def train_linear(classifier: nn.Module, train_batches: Batches,
 
 def summarize(history: list[dict[str, float]]) -> LinearResult:
     """Best and last top-1 (the official script tracks the best; which one the paper reports is
-    unknown, spec 7.1, so both are given)."""
+    unknown, method.md §7.1, so both are given)."""
     if not history:
         raise ValueError("linear probe: no epoch has run")
     best = max(history, key=lambda h: h["top1"])

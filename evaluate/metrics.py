@@ -1,4 +1,4 @@
-"""Clustering metrics against labels (spec 7.1 "Clustering"): NMI, AMI, ARI (scikit-learn) and
+"""Clustering metrics against labels (method.md §7.1 "Clustering"): NMI, AMI, ARI (scikit-learn) and
 Hungarian accuracy (scipy's linear_sum_assignment on the contingency table)."""
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,9 @@ def read_thumbnails(shards: str, split: str, wanted: set[int], size: int = THUMB
                 key, _, ext = member.name.rpartition("/")[2].partition(".")
                 if ext not in ("jpg", "png") or not key.isdigit() or int(key) not in wanted:
                     continue
-                with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
+                file = tar.extractfile(member)
+                assert file is not None  # shard members are regular files (format contract)
+                with Image.open(io.BytesIO(file.read())) as img:
                     thumb = img.convert("RGB")
                 thumb.thumbnail((size, size))
                 found[int(key)] = thumb
@@ -132,7 +135,7 @@ def read_thumbnails(shards: str, split: str, wanted: set[int], size: int = THUMB
 
 def build_report_data(*, checkpoint: str, shards: str, split: str, num_clusters: list[int] | None,
                       encoder: str | None = None, top_clusters: int = 6, children: int = 6, images: int = 8,
-                      niter: int = 20, nredo: int = 3, seed: int = 0, **loader: object) -> ReportData | None:
+                      niter: int = 20, nredo: int = 3, seed: int = 0, **loader: Any) -> ReportData | None:
     """Extract, cluster and select on every rank (collective); rank 0 gets the data, others None."""
     trunk, _ = load_backbone(checkpoint, encoder)
     trunk = trunk.to(dist.device())
@@ -163,7 +166,8 @@ def montage(node: Node, thumbs: dict[int, Image.Image], cell: int = THUMB, pad: 
     for r, row in enumerate(rows):
         for c, (idx, _) in enumerate(row.images):
             small = thumbs[idx].width < cell  # keep tiny images (28 px) crisp when enlarged
-            img = thumbs[idx].resize((cell, cell), Image.NEAREST if small else Image.BICUBIC)
+            resample = Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC
+            img = thumbs[idx].resize((cell, cell), resample)
             sheet.paste(img, (pad + c * (cell + pad), pad + r * (cell + pad)))
     return sheet
 

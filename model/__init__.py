@@ -1,4 +1,4 @@
-"""The HCSC method (spec 1, 3, 4, 5.1, 8).
+"""The HCSC method (method.md §1, 3, 4, 5.1, 8).
 
 - `encoders`: registry of torchvision ResNet trunks (`resnet50`, `resnet18`, `resnet18_small`).
 - `heads`: the MoCo v2 projection head, in the trunk's `fc` slot (official key layout).

@@ -1,4 +1,4 @@
-"""The official HCSC checkpoint layout (spec 8) to and from an `HCSC` module.
+"""The official HCSC checkpoint layout (method.md §8) to and from an `HCSC` module.
 
 Official `state_dict` keys come from a DDP-wrapped model: ``module.encoder_q.<torchvision key>``
 (head at ``fc.0.*`` / ``fc.2.*``), ``module.encoder_k.*`` and ``module.queue``, ``module.queue_ptr``,
@@ -28,7 +28,7 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _strip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]  # a whole training checkpoint (spec 8 recipe step 1)
+        state_dict = state_dict["state_dict"]  # a whole training checkpoint (method.md §8 recipe step 1)
     return {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
 
 

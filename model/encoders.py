@@ -2,7 +2,7 @@
 
 `create_encoder(name)` returns `(trunk, feat_dim)`; `trunk(x)` gives pooled features (B, feat_dim)
 and the state-dict keys are torchvision's (`conv1.weight`, `layer1.0.bn1.*`, ...), so the official
-HCSC checkpoints (spec 8) map onto them key for key once `fc` is set to the projection head.
+HCSC checkpoints (method.md §8) map onto them key for key once `fc` is set to the projection head.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _headless(net: ResNet) -> tuple[ResNet, int]:
 
 @register_encoder("resnet50")
 def _resnet50(**kwargs) -> tuple[ResNet, int]:
-    # spec 1: torchvision resnet50, random init (no pretrained weights).
+    # method.md §1: torchvision resnet50, random init (no pretrained weights).
     return _headless(resnet50(weights=None, **kwargs))
 
 

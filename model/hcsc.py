@@ -1,6 +1,6 @@
-"""`HCSC`: the method in one module (spec 1, 3, 4, 5.1). `forward` is one training step's maths.
+"""`HCSC`: the method in one module (method.md §1, 3, 4, 5.1). `forward` is one training step's maths.
 
-Step order (spec 6.4): queries -> momentum update -> shuffle-BN keys -> PCSC -> ICSC -> local terms
+Step order (method.md §6.4): queries -> momentum update -> shuffle-BN keys -> PCSC -> ICSC -> local terms
 -> enqueue of the gathered keys of view 2. Selection is vectorised: boolean masks, no Python sets,
 no `.item()`; the only collectives are the shuffle-BN and queue gathers (`model.momentum`).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,13 @@ class HCSC(nn.Module):
     Args:
         model_cfg: encoder, dim, queue size, momentum, temperature, head, shuffle-BN.
         hcsc_cfg: levels, warm-up, selection switches and the deviation flags.
-        multi_crop: batches carry 2 global + local views (spec 5.1).
+        multi_crop: batches carry 2 global + local views (method.md §5.1).
     """
+
+    # registered buffers (`register_buffer` in `__init__`)
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+    queue_index: torch.Tensor
 
     def __init__(self, model_cfg: ModelConfig, hcsc_cfg: HCSCConfig, *, multi_crop: bool = False) -> None:
         super().__init__()
@@ -74,7 +80,7 @@ class HCSC(nn.Module):
         trunk, feat_dim = create_encoder(model_cfg.encoder)
         trunk.fc = build_head(feat_dim, model_cfg.dim, model_cfg.mlp)
         self.encoder_q = trunk
-        self.encoder_k = copy.deepcopy(trunk)  # spec 1: initialised as a copy, never gets gradients
+        self.encoder_k = copy.deepcopy(trunk)  # method.md §1: initialised as a copy, never gets gradients
         self.encoder_k.requires_grad_(False)
         queue = F.normalize(torch.randn(model_cfg.dim, model_cfg.queue_size), dim=0)
         self.register_buffer("queue", queue)
@@ -87,12 +93,12 @@ class HCSC(nn.Module):
         self._cache = selection.SelectionCache()
 
     def use_prototypes(self, epoch: int, prototypes: Prototypes | None) -> bool:
-        """HCSC terms from the warm-up epoch on, once a clustering exists (spec 2.1)."""
+        """HCSC terms from the warm-up epoch on, once a clustering exists (method.md §2.1)."""
         return prototypes is not None and epoch >= self.hcsc_cfg.warmup_epochs
 
     @torch.no_grad()
     def embed_momentum(self, images: torch.Tensor) -> torch.Tensor:
-        """normalize(encoder_k(images)): the 128-d embedding that is clustered (spec 1, 2.2).
+        """normalize(encoder_k(images)): the 128-d embedding that is clustered (method.md §1, 2.2).
         The caller puts the model in eval mode. Shape: (B, 3, H, W) -> (B, dim)."""
         return F.normalize(self.encoder_k(images), dim=1)
 
@@ -106,7 +112,7 @@ class HCSC(nn.Module):
     def forward(self, batch: Batch, prototypes: Prototypes | None, *, epoch: int) -> dict[str, torch.Tensor]:
         """One step's losses, with the momentum update and the enqueue as side effects.
 
-        Returns `loss` (the total of spec 5.1) and its terms `loss_inst`, `loss_proto`,
+        Returns `loss` (the total of method.md §5.1) and its terms `loss_inst`, `loss_proto`,
         `loss_local_inst`, `loss_local_proto` (zero when not applicable), and `acc_inst` (percent
         top-1 of the first instance logits: level 1's masked logits when selecting, else MoCo's).
         """
@@ -119,6 +125,7 @@ class HCSC(nn.Module):
         queue = self.queue.clone()  # the pre-enqueue queue; saved by autograd for z.Q's backward
         terms = StepLogits()
         if self.use_prototypes(epoch, prototypes):
+            assert prototypes is not None  # `use_prototypes` checked it
             out = self._hcsc_losses(q, local_q, k, queue, batch.idx, prototypes, terms)
         else:
             out = self._moco_losses(q, local_q, k, queue, terms)
@@ -151,7 +158,7 @@ class HCSC(nn.Module):
         return batch.views
 
     def _moco_losses(self, q, local_q, k, queue, terms: StepLogits) -> dict[str, torch.Tensor]:
-        """Warm-up / no clustering: plain MoCo v2 InfoNCE, plus plain local terms (spec 5.1)."""
+        """Warm-up / no clustering: plain MoCo v2 InfoNCE, plus plain local terms (method.md §5.1)."""
         terms.inst_logits = [self._moco_logits(q, k, queue)]
         terms.local_inst_logits = [self._moco_logits(z, k, queue) for z in local_q]
         zero = q.new_zeros(())
@@ -170,21 +177,21 @@ class HCSC(nn.Module):
                              f"{len(cfg.num_clusters)}; cluster with the same config")
         self._cache.refresh(self.queue, protos, self.model_cfg.temperature,
                             with_queue=cfg.instance_selection)
-        labels = [y[idx] for y in protos.im2cluster]  # y_i^l, this epoch's clustering (spec 3)
+        labels = [y[idx] for y in protos.im2cluster]  # y_i^l, this epoch's clustering (method.md §3)
         terms.labels = labels
-        terms.proto_excluded = [  # N_l from the per-rank batch (spec 4, 6)
+        terms.proto_excluded = [  # N_l from the per-rank batch (method.md §4, 6)
             losses.excluded_prototypes(y, c.shape[0], self._cache.max_label(lvl), cfg.fix_last_prototype)
             for lvl, (y, c) in enumerate(zip(labels, protos.centroids, strict=True))]
-        # PCSC (spec 4): global query, then every local view with freshly drawn masks (spec 5.1).
+        # PCSC (method.md §4): global query, then every local view with freshly drawn masks (method.md §5.1).
         terms.proto_logits, terms.proto_masks = self._proto_level_logits(q, labels, terms, protos)
         for z in local_q:
             logits, masks = self._proto_level_logits(z, labels, terms, protos)
             terms.local_proto_logits.append(logits)
             terms.local_proto_masks.append(masks)
-        # ICSC (spec 3): one Bernoulli mask per level over the pre-enqueue queue, levels stacked.
+        # ICSC (method.md §3): one Bernoulli mask per level over the pre-enqueue queue, levels stacked.
         masks = self._instance_masks(labels, protos) if cfg.instance_selection else None
         inst = self._masked_instance_logits(q, k, queue, masks)  # (L or 1, B, 1+K)
-        local_masks = masks if cfg.selection_on_local else None  # the same s^l (spec 5.1)
+        local_masks = masks if cfg.selection_on_local else None  # the same s^l (method.md §5.1)
         local_inst = [self._masked_instance_logits(z, k, queue, local_masks) for z in local_q]
         terms.inst_masks = [] if masks is None else list(masks.unbind(0))
         terms.inst_logits = list(inst.unbind(0))
@@ -192,7 +199,7 @@ class HCSC(nn.Module):
         return self._reduce(inst, local_inst, terms, protos.num_levels, q.new_zeros(()))
 
     def _reduce(self, inst, local_inst, terms: StepLogits, n_levels: int, zero) -> dict[str, torch.Tensor]:
-        """Spec 5.1: instance CE summed over levels (averaged with `average_instance_loss`),
+        """docs/method.md §5.1: instance CE summed over levels (averaged with `average_instance_loss`),
         prototype CE averaged over levels; local prototype terms / L, not / (V L)."""
         ce = losses.info_nce
 
@@ -202,13 +209,13 @@ class HCSC(nn.Module):
 
         return {
             "loss_inst": levels(inst),
-            "loss_proto": sum(ce(x) for x in terms.proto_logits) / n_levels,
+            "loss_proto": cast(torch.Tensor, sum(ce(x) for x in terms.proto_logits)) / n_levels,
             "loss_local_inst": sum((levels(x) for x in local_inst), zero),
             "loss_local_proto": sum((ce(x) for v in terms.local_proto_logits for x in v), zero) / n_levels,
         }
 
     def _masked_instance_logits(self, z, k, queue, masks: torch.Tensor | None) -> torch.Tensor:
-        """(L, B, 1+K) logits, one matrix per level mask (spec 3); (1, B, 1+K) plain MoCo without."""
+        """(L, B, 1+K) logits, one matrix per level mask (method.md §3); (1, B, 1+K) plain MoCo without."""
         l_pos, l_neg = (z * k).sum(1, keepdim=True), z @ queue
         if masks is None:
             return losses.instance_logits(l_pos, l_neg, None, self.model_cfg.temperature)[None]

@@ -1,18 +1,18 @@
-"""Logit builders of ICSC (spec 3) and PCSC (spec 4), and the InfoNCE cross-entropy.
+"""Logit builders of ICSC (method.md §3) and PCSC (method.md §4), and the InfoNCE cross-entropy.
 
 Column layouts (target index 0 everywhere):
 
-- Instance logits (B, 1+K): ``[z.k, s_1 (z.q_1), ..., s_K (z.q_K)] / T``, exactly the spec.
+- Instance logits (B, 1+K): ``[z.k, s_1 (z.q_1), ..., s_K (z.q_K)] / T`` (docs/method.md §3).
 - Prototype logits (B, 1+M_l): column 0 is ``z.c_y / phi_y`` (the query's own positive), column
-  ``1+m`` is prototype m (ids in order 0..M_l-1). The spec's layout is ``[pos, N_l...]`` with the
-  data-dependent candidate set N_l (spec 4); here every prototype keeps its column and the ones
+  ``1+m`` is prototype m (ids in order 0..M_l-1). Method §4 has the layout ``[pos, N_l...]`` with the
+  data-dependent candidate set N_l (method.md §4); here every prototype keeps its column and the ones
   outside N_l (every positive of the per-rank batch, and the ids the official ``range(max(y))``
   leaves out) are ``-inf``. exp(-inf) = 0, so they add nothing to the softmax denominator and get
-  zero gradient: the cross-entropy equals the spec layout's exactly, with a static shape and no
-  host sync. `compact_proto_logits` recovers the spec layout (for tests and inspection).
+  zero gradient: the cross-entropy equals that layout's exactly, with a static shape and no
+  host sync. `compact_proto_logits` recovers that layout (for tests and inspection).
 
 Dropped negatives (mask False) are different from excluded columns: as in the official code they
-become logit exactly 0 and still count exp(0) = 1 in the denominator (spec 3, 4, 9.7), unless
+become logit exactly 0 and still count exp(0) = 1 in the denominator (method.md §3, 4, 9.7), unless
 `remove_dropped` (the `hcsc.remove_dropped_negatives` flag) turns them into -inf.
 """
 
@@ -32,7 +32,7 @@ def _drop(values: torch.Tensor, keep: torch.Tensor | None, remove_dropped: bool)
 
 def instance_logits(l_pos: torch.Tensor, l_neg: torch.Tensor, keep: torch.Tensor | None,
                     temperature: float, remove_dropped: bool = False) -> torch.Tensor:
-    """``cat([l_pos, keep * l_neg]) / T`` (spec 3): the mask multiplies the cosine, before /T.
+    """``cat([l_pos, keep * l_neg]) / T`` (method.md §3): the mask multiplies the cosine, before /T.
 
     `keep` may carry a leading level axis, giving every level's logits in one pass.
 
@@ -45,7 +45,7 @@ def instance_logits(l_pos: torch.Tensor, l_neg: torch.Tensor, keep: torch.Tensor
 
 def excluded_prototypes(batch_labels: torch.Tensor, num_protos: int, max_label: torch.Tensor,
                         fix_last: bool = False) -> torch.Tensor:
-    """Boolean (M,) mask of the prototypes that are NOT candidate negatives at this level (spec 4).
+    """Boolean (M,) mask of the prototypes that are NOT candidate negatives at this level (method.md §4).
 
     Candidates: N_l = {0, ..., max(y^l) - 1} minus every label of the per-rank batch, with max(y^l)
     taken over the whole dataset's `im2cluster[l]` (`max_label`). The official ``range(max)`` skips
@@ -63,7 +63,7 @@ def proto_logits(z: torch.Tensor, centroids: torch.Tensor, density: torch.Tensor
                  remove_dropped: bool = False) -> torch.Tensor:
     """``[z.c_y / phi_y, {t_j (z.c_j) / phi_j}_j]`` over all M prototypes, excluded columns -inf.
 
-    Each column is divided by its own prototype's concentration (spec 4); prototypes, phi and the
+    Each column is divided by its own prototype's concentration (method.md §4); prototypes, phi and the
     masks are constants, gradients reach only z.
 
     Shape: z (B, d), centroids (M, d), density (M,), labels (B,) int64, excluded (M,) bool,
@@ -77,7 +77,8 @@ def proto_logits(z: torch.Tensor, centroids: torch.Tensor, density: torch.Tensor
 
 
 def compact_proto_logits(logits: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """The spec's (B, 1+|N_l|) layout ``[pos, N_l in increasing id]`` from `proto_logits`' layout.
+    """The (B, 1+|N_l|) layout of docs/method.md §4, ``[pos, N_l in increasing id]``, from
+    `proto_logits`' layout.
 
     Boolean indexing with a data-dependent width: for tests and inspection, not the step.
     """

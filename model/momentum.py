@@ -1,6 +1,7 @@
 """The MoCo machinery around the losses: momentum update, shuffle-BN key forward, queue update.
 
-Distributed only through `core.dist` (spec 1; design 5). Everything here runs without gradients.
+Distributed only through `core.dist` (method.md §1; docs/architecture.md#packages). Everything
+here runs without gradients.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from core import dist
 
 @torch.no_grad()
 def momentum_update_(encoder_k: nn.Module, encoder_q: nn.Module, m: float) -> None:
-    """theta_k <- m theta_k + (1 - m) theta_q over parameters only (spec 1: BN buffers of the key
+    """theta_k <- m theta_k + (1 - m) theta_q over parameters only (method.md §1: BN buffers of the key
     encoder evolve through its own train-mode forwards, they are not copied)."""
     params_k = [p.data for p in encoder_k.parameters()]
     params_q = [p.detach() for p in encoder_q.parameters()]
@@ -28,7 +29,7 @@ def momentum_update_(encoder_k: nn.Module, encoder_q: nn.Module, m: float) -> No
 @torch.no_grad()
 def shuffled_keys(encoder_k: nn.Module, images: torch.Tensor, shuffle: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised keys of `images`, encoded with shuffle-BN across ranks (spec 1, as MoCo).
+    """Normalised keys of `images`, encoded with shuffle-BN across ranks (method.md §1, as MoCo).
 
     The key images of all ranks are gathered and permuted by a permutation drawn on rank 0 and
     broadcast; each rank encodes its slice (so its BN statistics mix samples of other ranks), the
@@ -57,7 +58,7 @@ def enqueue_(queue: torch.Tensor, queue_ptr: torch.Tensor, queue_index: torch.Te
     """Write the gathered keys and their dataset indices at the pointer; advance it modulo K.
 
     Columns are computed on the device, (ptr + arange(n)) mod K, so no host sync is needed.
-    K must be a multiple of the global batch n (asserted by the official code; spec 1).
+    K must be a multiple of the global batch n (asserted by the official code; method.md §1).
 
     Shape: queue (d, K), queue_ptr (1,) int64, queue_index (K,) int64, keys (n, d), idx (n,).
     Returns the (n,) column indices written.

@@ -1,7 +1,7 @@
-"""Selective coding: keep probabilities and Bernoulli masks of ICSC (spec 3) and PCSC (spec 4).
+"""Selective coding: keep probabilities and Bernoulli masks of ICSC (method.md §3) and PCSC (method.md §4).
 
 Pure tensor functions, no host synchronisation. Every probability is computed in fp32 with autocast
-off: the masks are constants of the step (no gradient flows through selection, spec 3), and bf16
+off: the masks are constants of the step (no gradient flows through selection, method.md §3), and bf16
 would move keep probabilities near the 0.999 clip by more than the clip itself.
 
 Index names: B queries, K queue keys, d embedding width, M prototypes of level l, U = M_{l+1}.
@@ -13,9 +13,9 @@ from contextlib import AbstractContextManager
 
 import torch
 
-MIN_INSTANCE_CONCENTRATION = 1e-3  # spec 3: phi clamped to >= 1e-3 in ICSC only
-INSTANCE_KEEP_CLIP = (0.0, 0.999)  # spec 3
-PROTO_KEEP_CLIP = (1e-4, 0.999)  # spec 4
+MIN_INSTANCE_CONCENTRATION = 1e-3  # method.md §3: phi clamped to >= 1e-3 in ICSC only
+INSTANCE_KEEP_CLIP = (0.0, 0.999)  # method.md §3
+PROTO_KEEP_CLIP = (1e-4, 0.999)  # method.md §4
 
 
 def fp32_region(device: torch.device) -> AbstractContextManager:
@@ -25,7 +25,7 @@ def fp32_region(device: torch.device) -> AbstractContextManager:
 
 def queue_log_normalizer(queue: torch.Tensor, centroids: torch.Tensor, density: torch.Tensor,
                          chunk: int = 4096) -> torch.Tensor:
-    """log sum_m exp(q_j . c_m / phi_m) for every queue key j (the softmax denominator of spec 3).
+    """log sum_m exp(q_j . c_m / phi_m) for every queue key j (the softmax denominator of method.md §3).
 
     Chunked over K so that at most (chunk, M) similarities exist at once.
 
@@ -36,19 +36,6 @@ def queue_log_normalizer(queue: torch.Tensor, centroids: torch.Tensor, density: 
     keys = queue.float().t()  # (K, d)
     parts = [torch.logsumexp(keys[s:s + chunk] @ scaled.t(), dim=1) for s in range(0, keys.shape[0], chunk)]
     return torch.cat(parts)
-
-
-def instance_keep_prob(queue: torch.Tensor, centroids: torch.Tensor, density: torch.Tensor,
-                       labels: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """p_ij = clip(1 - P(y_i | q_j), 0, 0.999), P the per-prototype-temperature softmax (spec 3).
-
-    One level; `instance_keep_prob_levels` is the same for all levels in one pass.
-
-    Shape: queue (d, K), centroids (M, d), density (M,), labels (B,) int64, log_norm (K,) -> (B, K).
-    """
-    if log_norm is None:
-        log_norm = queue_log_normalizer(queue, centroids, density)
-    return instance_keep_prob_levels(queue, [centroids], [density], [labels], log_norm[None])[0]
 
 
 def instance_keep_prob_levels(queue: torch.Tensor, centroids: list[torch.Tensor], density: list[torch.Tensor],
@@ -69,10 +56,10 @@ def instance_keep_prob_levels(queue: torch.Tensor, centroids: list[torch.Tensor]
 
 
 def parent_assignment(logits: torch.Tensor, density_up: torch.Tensor, temperature: float) -> torch.Tensor:
-    """P^{l+1}(u | c_j^l) = softmax_u(A^l[j, u] / phi~_u^{l+1}) over the M_{l+1} parents (spec 4).
+    """P^{l+1}(u | c_j^l) = softmax_u(A^l[j, u] / phi~_u^{l+1}) over the M_{l+1} parents (method.md §4).
 
     phi~ = phi / mean(phi) * T, as the official code rescales it; equal to phi when mean(phi) = T,
-    which the clustering guarantees (spec 2.4).
+    which the clustering guarantees (method.md §2.4).
 
     Shape: logits A^l (M, U), density_up (U,) -> (M, U).
     """
@@ -105,7 +92,7 @@ class SelectionCache:
       column by column on every enqueue (`advance`), so one step costs O(B K d) instead of the
       reference's O(K M d) for the full queue-to-prototype softmax.
     - `parent_prob(l)`: P^{l+1}(u | c_j^l), (M_l, M_{l+1}), fixed for an epoch.
-    - `max_label(l)`: max over the dataset of `im2cluster[l]`, a 0-dim tensor (spec 4 off-by-one).
+    - `max_label(l)`: max over the dataset of `im2cluster[l]`, a 0-dim tensor (method.md §4 off-by-one).
 
     Staleness is detected by tensor identity and in-place version counters of every input (the
     queue included), so a new `Prototypes`, a checkpoint load or a `.to()` recomputes everything.
@@ -159,8 +146,8 @@ class SelectionCache:
         if not fresh or self._queue_src[0][1] != version_before:
             return
         with torch.no_grad(), fp32_region(queue.device):
-            fresh = torch.stack([queue_log_normalizer(keys.t(), c, d) for c, d in self._centroids])
-            self._log_norm.index_copy_(1, cols, fresh)
+            fresh_cols = torch.stack([queue_log_normalizer(keys.t(), c, d) for c, d in self._centroids])
+            self._log_norm.index_copy_(1, cols, fresh_cols)
         self._queue_src = self._stamp([queue])
 
     def log_norm(self, level: int | None = None) -> torch.Tensor:

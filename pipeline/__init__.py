@@ -8,7 +8,7 @@ the batches per epoch per rank, taken from ``_info.json`` alone.
   on a GPU) and ``torch`` (webdataset + torchvision, PIL; the parity oracle, and the fallback,
   logged once, where DALI is not installed).
 - Train: shard order permuted per (seed, epoch), DALI's seeded shuffle buffer, contiguous rank
-  ranges; ``N // (world * batch)`` batches on every rank (drop last). Views per spec 5.3.
+  ranges; ``N // (world * batch)`` batches on every rank (drop last). Views per method.md §5.3.
 - Eval: stored order, resize + center crop, every sample exactly once across ranks; every rank
   yields ``ceil(ceil(N / world) / eval_batch)`` batches and padding is dropped before the caller,
   so a rank's last batch can be short (even empty).

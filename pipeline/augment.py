@@ -1,4 +1,4 @@
-"""The augmentation recipe of spec 5.3, as numbers both backends read.
+"""The augmentation recipe of method.md §5.3, as numbers both backends read.
 
 MoCo v2 "aug+" per view: RandomResizedCrop(size, scale) -> ColorJitter(0.4, 0.4, 0.4, 0.1) with
 p 0.8 -> grayscale p 0.2 -> Gaussian blur sigma ~ U[0.1, 2.0] with p 0.5 -> horizontal flip ->
@@ -7,12 +7,11 @@ normalise. Multi-crop adds local views whose scale bounds are the global ones ti
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from core.config import DataConfig
 
-MEAN = (0.485, 0.456, 0.406)  # spec 5.3, ImageNet statistics
+MEAN = (0.485, 0.456, 0.406)  # method.md §5.3, ImageNet statistics
 STD = (0.229, 0.224, 0.225)
 ASPECT = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default ratio
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (fraction of a full turn)
@@ -39,24 +38,19 @@ class ViewSpec:
 
 
 def view_specs(cfg: DataConfig) -> list[ViewSpec]:
-    """Query and key at `image_size`, then (multi-crop) one view per local size, spec 5.3."""
+    """Query and key at `image_size`, then (multi-crop) one view per local size, method.md §5.3."""
     main = ViewSpec(cfg.image_size, (cfg.min_scale, cfg.max_scale))
     specs = [main, main]
     if cfg.multi_crop:
         for size in cfg.local_crop_sizes:
-            ratio = size / cfg.image_size  # spec 5.3: scale bounds proportional to size / 224
+            ratio = size / cfg.image_size  # method.md §5.3: scale bounds proportional to size / 224
             specs.append(ViewSpec(size, (cfg.min_scale * ratio, min(1.0, cfg.max_scale * ratio))))
     return specs
 
 
-LINEAR_SCALE = (0.08, 1.0)  # spec 7.1 linear probe: torchvision's default RandomResizedCrop scale
+LINEAR_SCALE = (0.08, 1.0)  # method.md §7.1 linear probe: torchvision's default RandomResizedCrop scale
 
 
 def linear_spec(cfg: DataConfig) -> ViewSpec:
-    """The one view of linear-probe training: RandomResizedCrop(image_size) + flip (spec 7.1)."""
+    """The one view of linear-probe training: RandomResizedCrop(image_size) + flip (method.md §7.1)."""
     return ViewSpec(cfg.image_size, LINEAR_SCALE)
-
-
-def blur_window(sigma: float) -> int:
-    """Odd kernel diameter for `sigma` (see `BLUR_RADIUS_SIGMAS`)."""
-    return 2 * math.ceil(BLUR_RADIUS_SIGMAS * sigma) + 1

@@ -1,4 +1,4 @@
-"""DALI pipeline definitions: the webdataset reader, train views (spec 5.3) and eval preprocessing.
+"""DALI pipeline definitions: the webdataset reader, train views (method.md §5.3) and eval preprocessing.
 
 Every random draw comes from DALI's own seeded generators (pipeline seed derived from (seed,
 epoch, rank)), so a pipeline rebuilt with the same arguments and run to batch k reproduces batch k
@@ -71,20 +71,9 @@ def _decode(jpg, device: str):
     return fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
 
 
-def _roi_decode(jpg, spec: aug.ViewSpec, device: str):
-    return fn.decoders.image_random_crop(
-        jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-        random_area=list(spec.scale), random_aspect_ratio=list(aug.ASPECT), num_attempts=10)
-
-
-def _crop_view(jpg, decoded, keep, spec: aug.ViewSpec, device: str):
-    """RandomResizedCrop: from the decoded image, or (decoded None) by decoding only the crop
-    region (ROI decode: on 2 CPU cores slower than one shared decode for 2 and 6 views of
-    ImageNet-sized JPEGs; see `dali_loader.ROI_DECODE_CPU`)."""
-    if decoded is None:
-        img = _if_kept(keep, lambda: _roi_decode(jpg, spec, device), lambda: _blank(device))
-        return fn.resize(img, size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR,
-                         antialias=TRAIN_ANTIALIAS)
+def _crop_view(decoded, spec: aug.ViewSpec):
+    """RandomResizedCrop from the image decoded once for all views (decoding only each crop's
+    region was slower on the CPU: BENCHMARKS.md, pipeline history)."""
     return fn.random_resized_crop(decoded, size=[spec.size, spec.size], random_area=list(spec.scale),
                                   random_aspect_ratio=list(aug.ASPECT), num_attempts=10,
                                   interp_type=types.INTERP_LINEAR, antialias=TRAIN_ANTIALIAS)
@@ -119,7 +108,7 @@ def _color(img, brightness, contrast, saturation, hue, device: str = "cpu"):
 
 
 def _color_blur_flip(img, blur: bool, device: str, colour: bool = True):
-    """Spec 5.3 steps 2-6 on one view (uint8 HWC in, float CHW normalised out).
+    """docs/method.md §5.3 steps 2-6 on one view (uint8 HWC in, float CHW normalised out).
 
     Cost (2-core CPU, bench/pipeline.py --profile): each op runs only on the samples that draw it
     (DALI conditionals), and the blur runs last, on the normalised float CHW view, where DALI's
@@ -152,16 +141,13 @@ def _color_blur_flip(img, blur: bool, device: str, colour: bool = True):
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(plan: EpochPlan, specs: list[aug.ViewSpec], blur: bool, keep: KeepSource | None,
-                   device: str, reader_seed: int, roi_decode: bool, colour: bool = True):
+                   device: str, reader_seed: int, colour: bool = True):
     """Outputs: one float CHW view per spec, cls digits, idx digits, and keep flags when `keep`
     is given (without known-corrupt samples the graph has no masking conditional at all)."""
     jpg, cls, idx = reader(plan, reader_seed)
     flags = None if keep is None else _keep_input(keep)
-    decoded = None
-    if not roi_decode:  # decode once, crop every view from it
-        decoded = _if_kept(flags, lambda: _decode(jpg, device), lambda: _blank(device))
-    views = [_color_blur_flip(_crop_view(jpg, decoded, flags, spec, device), blur, device, colour)
-             for spec in specs]
+    decoded = _if_kept(flags, lambda: _decode(jpg, device), lambda: _blank(device))  # once, for all views
+    views = [_color_blur_flip(_crop_view(decoded, spec), blur, device, colour) for spec in specs]
     return (*views, cls, idx) if flags is None else (*views, cls, idx, flags)
 
 
@@ -181,7 +167,7 @@ def _resize_shorter(img, shape, resize: int, interpolation: str):
 @pipeline_def(enable_conditionals=True)
 def eval_pipeline(plan: EpochPlan, image_size: int, resize: int, keep: KeepSource | None, device: str,
                   reader_seed: int, interpolation: str = "bilinear"):
-    """Resize the shorter side to `resize` (bilinear as spec 2.2 or bicubic as spec 7.1, antialiased
+    """Resize the shorter side to `resize` (bilinear, method.md §2.2, or bicubic, §7.1; antialiased
     like PIL), center crop `image_size`, normalise. Outputs: view, cls digits, idx digits[, keep
     flags]."""
     jpg, cls, idx = reader(plan, reader_seed)

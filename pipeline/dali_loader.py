@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,48 +25,43 @@ from pipeline import dali_graph as graph
 from pipeline.loader import Loader
 from pipeline.plan import EpochPlan, derive_seed
 
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import Pipeline
+
 log = logging.getLogger(__name__)
-# Decode once and crop every view from it, or decode only each view's crop region
-# (`fn.decoders.image_random_crop`). Measured with bench/pipeline.py --profile on 2 CPU cores,
-# ImageNet-sized JPEGs: two views 6.3 ms/image decoding once vs 7.6 with ROI decode (six views
-# 12.5 vs 15.1): a 500x375 JPEG decodes in ~0.8 ms, less than two partial decodes cost. On a GPU
-# the decode is nvJPEG's and decoding once is the design's choice too.
-ROI_DECODE_CPU = False
-ROI_DECODE_GPU = False
 
 
 class DaliLoader(Loader):
     """See `pipeline.loader.build_loader`."""
 
     def __init__(self, cfg: DataConfig, plan: EpochPlan, *, seed: int, epoch: int, start_batch: int,
-                 device: torch.device, roi_decode: bool | None = None, linear: bool = False) -> None:
+                 device: torch.device, linear: bool = False) -> None:
         super().__init__(plan, start_batch, device)
         self.cfg = cfg
         self._linear = linear
         self._gpu = device.type == "cuda"
-        self._roi = (ROI_DECODE_GPU if self._gpu else ROI_DECODE_CPU) if roi_decode is None else roi_decode
         self._pipe_seed = derive_seed(seed, epoch, plan.rank, "dali")
         self._reader_seed = derive_seed(seed, epoch, plan.rank, "reader")
         self._masked: dict[int, set[int]] = {}  # batch -> positions of known-corrupt samples
-        self._pipe = None
+        self._pipe: Pipeline | None = None
 
     def _keep(self, batch: int) -> np.ndarray:
         keep = np.ones(self.plan.batch_size, dtype=np.bool_)
         keep[list(self._masked.get(batch, ()))] = False
         return keep
 
-    def _build(self):
+    def _build(self) -> Pipeline:
         common = dict(batch_size=self.plan.batch_size, num_threads=self.cfg.workers,
                       device_id=(self.device.index or 0) if self._gpu else None, seed=self._pipe_seed,
                       prefetch_queue_depth=2, exec_dynamic=True)
         dev = "gpu" if self._gpu else "cpu"
         keep = self._keep if self._masked else None  # no masking ops until a corrupt sample is seen
-        if self._linear:  # crop + flip only (spec 7.1)
+        if self._linear:  # crop + flip only (method.md §7.1)
             pipe = graph.train_pipeline(self.plan, [aug.linear_spec(self.cfg)], False, keep, dev,
-                                        self._reader_seed, self._roi, colour=False, **common)
+                                        self._reader_seed, colour=False, **common)
         elif self.plan.train:
             pipe = graph.train_pipeline(self.plan, aug.view_specs(self.cfg), self.cfg.blur, keep, dev,
-                                        self._reader_seed, self._roi, **common)
+                                        self._reader_seed, **common)
         else:
             pipe = graph.eval_pipeline(self.plan, self.cfg.image_size, self.cfg.eval_resize, keep, dev,
                                        self._reader_seed, self.cfg.eval_interpolation, **common)
@@ -84,6 +80,7 @@ class DaliLoader(Loader):
 
     def _run(self, j: int):
         while True:
+            assert self._pipe is not None  # built by `__iter__` (and rebuilt by `_recover`)
             try:
                 return self._pipe.run()
             except RuntimeError:

@@ -128,7 +128,7 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
         split: split name in ``_info.json``.
         mode: "train" (2 or 6 augmented views, shuffled, drop last), "eval" (one resized,
             center-cropped view, stored order, every sample exactly once across ranks) or
-            "linear" (linear-probe training, spec 7.1: one RandomResizedCrop scale 0.08-1 + flip
+            "linear" (linear-probe training, method.md §7.1: one RandomResizedCrop scale 0.08-1 + flip
             view; shuffled and drop last as train).
         rank, world: this rank and the number of ranks.
         epoch, seed: together seed the shard order, the shuffle and every augmentation.

@@ -1,4 +1,4 @@
-"""The reference backend: `webdataset` tar reading + torchvision (v1, PIL) transforms of spec 5.3.
+"""The reference backend: `webdataset` tar reading + torchvision (v1, PIL) transforms of method.md §5.3.
 
 It is the parity oracle in tests and the loader on hosts without DALI. It reads the same
 `EpochPlan` as DALI (same shard order, same contiguous rank ranges), shuffles train samples with
@@ -14,6 +14,7 @@ import itertools
 import logging
 import random
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 import webdataset as wds
@@ -42,7 +43,7 @@ class PILGaussianBlur:
 
 
 def view_transform(spec: aug.ViewSpec, blur: bool = True) -> T.Compose:
-    """MoCo v2 aug+ (spec 5.3) for one view, as the reference `hcsc/loader.py` builds it."""
+    """MoCo v2 aug+ (method.md §5.3) for one view, as the reference `hcsc/loader.py` builds it."""
     steps = [T.RandomResizedCrop(spec.size, scale=spec.scale),
              T.RandomApply([T.ColorJitter(*aug.JITTER)], p=aug.P_JITTER),
              T.RandomGrayscale(p=aug.P_GRAY)]
@@ -53,13 +54,13 @@ def view_transform(spec: aug.ViewSpec, blur: bool = True) -> T.Compose:
 
 
 def linear_transform(spec: aug.ViewSpec) -> T.Compose:
-    """Spec 7.1 linear-probe training: RandomResizedCrop + flip -> normalise."""
+    """docs/method.md §7.1 linear-probe training: RandomResizedCrop + flip -> normalise."""
     return T.Compose([T.RandomResizedCrop(spec.size, scale=spec.scale), T.RandomHorizontalFlip(p=aug.P_FLIP),
                       T.ToTensor(), T.Normalize(aug.MEAN, aug.STD)])
 
 
 def eval_transform(image_size: int, resize: int, interpolation: str = "bilinear") -> T.Compose:
-    """Resize(shorter side; bilinear as spec 2.2, bicubic as spec 7.1) -> CenterCrop -> normalise."""
+    """Resize(shorter side; bilinear, method.md §2.2, or bicubic, §7.1) -> CenterCrop -> normalise."""
     mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
     return T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(image_size), T.ToTensor(),
                       T.Normalize(aug.MEAN, aug.STD)])
@@ -105,7 +106,8 @@ class _Batches(IterableDataset):
         for sample in raw:
             data = sample.get("jpg", sample.get("png"))
             try:
-                with Image.open(io.BytesIO(data)) as img:
+                # no image member (None): BytesIO raises TypeError, recorded as corrupt below
+                with Image.open(io.BytesIO(cast(bytes, data))) as img:
                     rgb = img.convert("RGB")
             except Exception as err:  # PIL raises many types for bad bytes; all mean "corrupt"
                 skipped.append((sample["__url__"], sample["__key__"], f"{type(err).__name__}: {err}"[:200]))
@@ -126,7 +128,7 @@ class TorchLoader(Loader):
         super().__init__(plan, start_batch, device)
         self.dataset = _Batches(cfg, plan, seed, epoch, start_batch, linear)
         self.workers = min(cfg.workers, max(1, plan.num_batches - start_batch))
-        self._iter = None
+        self._iter: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,

@@ -1,6 +1,6 @@
 """`build_shards`: source -> shuffled, equal-count shards + DALI indexes + ``_info.json``.
 
-Recipe (design.md section 3, "Shards"):
+Recipe (docs/architecture.md#shards):
   1. enumerate the source (sorted, deterministic) and take the ``limit`` subset if asked;
   2. scan every input in parallel: copy, convert (with a reason) or skip (with a reason);
   3. shuffle the usable inputs with ``seed``; position in that order is the sample's ``idx``;
@@ -228,7 +228,8 @@ def _read_plan(state: Path) -> dict | None:
 
 
 def _shuffle(plan: dict, seed: int) -> list[int]:
-    """Listing positions of the usable inputs in idx order (the global shuffle, design.md 3)."""
+    """Listing positions of the usable inputs in idx order (the global shuffle,
+    docs/architecture.md#shards)."""
     usable = [i for i, d in zip(plan["chosen"], plan["decisions"], strict=True) if not d.startswith("skip:")]
     if not usable:
         reasons = sorted({d[len("skip:"):] for d in plan["decisions"]})[:3]

@@ -1,6 +1,6 @@
 """Decide, per input, whether its bytes are copied, converted to RGB JPEG, or skipped.
 
-Copied byte-for-byte (design.md section 3: no re-encode by default, it changes pixel statistics):
+Copied byte-for-byte (no re-encode by default: it changes pixel statistics):
 complete 8-bit, 3-component, Huffman-coded JPEGs (baseline, extended sequential or progressive;
 every decoder the pipeline uses reads them). Everything else that decodes (CMYK or grayscale JPEGs,
 PNG or other formats, whatever their file name, 16-bit images) is converted to RGB JPEG at
@@ -16,6 +16,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,7 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     """Marker segments of a JPEG up to its first scan; None when `data` does not hold them all."""
     if data[:2] != b"\xff\xd8":
         return None
+    sof: tuple[int, int, int, int, int] | None
     pos, sof, end = 2, None, len(data)
     while pos + 4 <= end:
         prefix, marker, seglen = _MARKER.unpack_from(data, pos)  # one call: this loop runs per input
@@ -67,7 +69,7 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     return None
 
 
-def is_copyable(header: JpegHeader | None, max_side: int | None) -> bool:
+def is_copyable(header: JpegHeader | None, max_side: int | None) -> TypeGuard[JpegHeader]:
     return (header is not None and header.sof in COPYABLE_SOF and header.precision == 8
             and header.components == 3 and header.width > 0 and header.height > 0
             and (max_side is None or max(header.width, header.height) <= max_side))

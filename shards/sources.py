@@ -1,6 +1,6 @@
 """Sources for `hcsc-shards build`: parse ``KIND:...`` specs and enumerate labelled inputs.
 
-Three kinds (design.md section 3, "Shards"):
+Three kinds (docs/architecture.md#shards):
   - ``imagefolder:PATH``: one sub-folder per class (the ImageNet train layout); class ids follow the
     sorted folder names, empty folders included (so ids match the folder list) and reported.
   - ``imagenet-val:PATH,LABELS``: a flat folder of images plus a text file with one
@@ -167,7 +167,8 @@ def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
     pairs = _read_labels(labels_file)
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     files = [e.name for e in entries if e.is_file()]
-    by_stem = {}
+    by_stem: dict[str, str] = {}
+    name: str | None
     for name in files:
         by_stem.setdefault(os.path.splitext(name)[0], name)
     wanted = [c for _, c in pairs]

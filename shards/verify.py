@@ -66,7 +66,7 @@ def _check_split(folder: Path, split: str, entry: dict, decode: bool, workers: i
 
 
 def _coverage(split: str, n: int, locations: dict[int, list[str]]) -> list[str]:
-    """idx must cover 0..n-1 exactly once (the key into im2cluster, design.md section 3)."""
+    """idx must cover 0..n-1 exactly once (the key into im2cluster, docs/architecture.md#shards)."""
     problems = [f"{split}/{','.join(names)}: sample {idx:0{IDX_WIDTH}d}: idx appears {len(names)} times"
                 for idx, names in sorted(locations.items()) if len(names) > 1]
     problems += [f"{split}/{names[0]}: sample {idx:0{IDX_WIDTH}d}: idx outside 0..{n - 1}"
@@ -115,7 +115,9 @@ def _read_tar(path: Path) -> tuple[dict[str, dict[str, bytes]], list[list[tuple]
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
+            file = tar.extractfile(member)
+            assert file is not None  # a regular file member
+            data = file.read()
             samples.setdefault(key, {})[ext] = data
             if key != last:
                 entries.append([])

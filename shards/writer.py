@@ -1,7 +1,7 @@
 """Write one shard: a WebDataset tar and its DALI index, all or nothing.
 
 The tar is written under a temporary name, hashed while it is written, and renamed when complete
-(design.md section 3: a killed build never leaves a half shard). Members are USTAR with mtime 0,
+(a killed build never leaves a half shard). Members are USTAR with mtime 0,
 mode 0444 and uid/gid 0, so a shard is a pure function of its samples: a resumed build writes the
 same bytes as an uninterrupted one. The bytes are exactly what `tarfile` writes for those members
 (a test checks it), but built from one `tarfile` header template with the name, size and checksum
@@ -114,6 +114,7 @@ def sample_image(task: ShardTask, i: int) -> bytes:
     if decision != task.decisions[i]:
         raise BuildError(f"{task.inputs[i]}: changed during the build (scan said {task.decisions[i]!r}, "
                          f"now {decision!r}); rerun with --overwrite")
+    assert data is not None  # the scan's decision for a sample written is never a skip
     return data
 
 

@@ -4,7 +4,7 @@ What trains: only the query encoder and its head are handed to the optimizer. Th
 encoder, the queue and its bookkeeping are buffers or frozen parameters of the same `HCSC` module,
 so they travel in the engine's module state dict (checkpoints) but are never optimised, never cast
 (mixed precision is DeepSpeed's `torch_autocast`, which leaves every weight and buffer in fp32;
-design.md "Engine") and never all-reduced.
+docs/architecture.md#decisions) and never all-reduced.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
-    """The DeepSpeed JSON, generated from the schema so the two cannot drift (style.md item 6)."""
+    """The DeepSpeed JSON, generated from the schema so the two cannot drift."""
     precision = cfg.engine.precision
     if precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"engine.precision={precision} needs a GPU here; use engine.precision=fp32 on CPU")
@@ -52,7 +52,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "train_batch_size": global_batch(cfg, world),
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        # Our client optimizer is plain SGD (spec 5.2); DeepSpeed only vouches for its own.
+        # Our client optimizer is plain SGD (method.md §5.2); DeepSpeed only vouches for its own.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 10**9,
@@ -64,8 +64,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD over the query encoder only; weight decay on every parameter (spec 5.2)."""
-    params = [p for p in model.encoder_q.parameters() if p.requires_grad]
+    """SGD over the query encoder only; weight decay on every parameter (method.md §5.2)."""
+    params = [p for p in cast(torch.nn.Module, model.encoder_q).parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay)
 

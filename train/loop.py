@@ -1,4 +1,4 @@
-"""The training recipe (style.md item 1). Each stage is a comment and one call into a package:
+"""The training recipe. Each stage is a comment and one call into a package:
 clustering when due -> learning rate -> batches through the engine -> log -> kNN monitor ->
 checkpoint when due (and on SIGTERM/SIGINT) -> final evaluation."""
 
@@ -43,7 +43,7 @@ def run(cfg: Config) -> int:
     stop = rundir.StopFlag()
     num_samples = split_info(cfg.data.shards, cfg.data.train_split)["num_samples"]
     for epoch in range(point.epoch, cfg.optim.epochs):
-        # Clustering at the start of every epoch from the warm-up on (spec 2.1); a mid-epoch
+        # Clustering at the start of every epoch from the warm-up on (method.md §2.1); a mid-epoch
         # resume keeps the prototypes saved with the checkpoint.
         prototypes = point.prototypes if point.batch_in_epoch else None
         if cfg.hcsc.enabled and epoch >= cfg.hcsc.warmup_epochs and prototypes is None:

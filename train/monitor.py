@@ -1,4 +1,4 @@
-"""Evaluation during and after training: the weighted kNN monitor (spec 7.1) and clustering NMI.
+"""Evaluation during and after training: the weighted kNN monitor (method.md §7.1) and clustering NMI.
 
 Trunk features (pooled, before the head, from the query encoder) of the train split form the kNN
 bank, which stays split across ranks; the held-out split's features are gathered on every rank.

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from core import dist
 from core.config import Config, to_yaml
+from core.files import write_text_atomic
+from core.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
 def prepare(cfg: Config) -> Path:
     """Create the run dir (rank 0) and write config.yaml; refuse a dir that holds another run."""
     run_dir = Path(cfg.run.output_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = RunFolder.at(run_dir).config
     text = to_yaml(cfg)
     if dist.is_main():
         if config_path.is_file():
@@ -56,7 +58,7 @@ def prepare(cfg: Config) -> Path:
                     f"run.output_dir {str(run_dir)!r} holds a run with a different config "
                     f"(differs at {', '.join(diff[:5])}); pick another run.output_dir or delete it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(text)
+        write_text_atomic(config_path, text)
     dist.barrier()
     return run_dir
 

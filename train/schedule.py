@@ -1,4 +1,4 @@
-"""Learning-rate schedule (spec 5.2): cosine per epoch, no warm-up, constant within an epoch."""
+"""Learning-rate schedule (method.md §5.2): cosine per epoch, no warm-up, constant within an epoch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Concentration phi (spec 2.4, 10 item 6): hand-computed toy, the official per-sample loop."""
+"""Concentration phi (method.md §2.4, 10 item 6): hand-computed toy, the official per-sample loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cluster.concentration import cluster_sums, concentration
 
 
 def _official_loop(labels, sq_dist, k, temperature):
-    """The PCL/HCSC per-sample loop (spec 2.4), written naively."""
+    """The PCL/HCSC per-sample loop (method.md §2.4), written naively."""
     members = [[] for _ in range(k)]
     for i, c in enumerate(labels):
         members[c].append(sq_dist[i])
@@ -57,7 +57,7 @@ def test_matches_the_official_loop_with_singletons_and_empty_clusters():
     ref = _official_loop(labels, sq_dist, k, 0.2)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-6)
     assert ours.mean().item() == pytest.approx(0.2, abs=1e-6)
-    # singletons and empties got the max, which the clip then brought to P90 (spec 10.6)
+    # singletons and empties got the max, which the clip then brought to P90 (method.md §10.6)
     assert torch.all(ours[40:] == ours.max())
 
 

@@ -1,4 +1,4 @@
-"""Sharded clustering on 2 and 3 gloo ranks equals one process on all rows (design.md rule 11)."""
+"""Sharded clustering on 2 and 3 gloo ranks equals one process on all rows."""
 
 from __future__ import annotations
 

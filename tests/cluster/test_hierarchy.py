@@ -1,4 +1,4 @@
-"""hierarchical_kmeans on one process: spec 10 items 5-6, errors, warm start."""
+"""hierarchical_kmeans on one process: method.md §10 items 5-6, errors, warm start."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def fm_shards(tmp_path_factory, fashion_mnist_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def official_ckpt(tmp_path_factory) -> Path:
-    """A randomly initialised resnet18_small HCSC in the official layout (spec 8)."""
+    """A randomly initialised resnet18_small HCSC in the official layout (method.md §8)."""
     path = tmp_path_factory.mktemp("eval-ckpt") / "hcsc_random.pth.tar"
     torch.save({"epoch": 0, "arch": "resnet18_small", "state_dict": official_state_dict(tiny_hcsc())}, path)
     return path

@@ -1,4 +1,4 @@
-"""Checkpoint loading and interoperability (spec 8): official layout, our trainer's folders,
+"""Checkpoint loading and interoperability (method.md §8): official layout, our trainer's folders,
 torchvision and detectron2 export, and loud failures."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_detectron2_export_key_names(tmp_path):
     assert obj["__author__"] == "MOCO" and obj["matching_heuristics"] is True
     model = obj["model"]
     trunk = reference.state_dict()
-    expected = {  # spec 8 renaming, exact names detectron2's ResNet uses
+    expected = {  # method.md §8 renaming, exact names detectron2's ResNet uses
         "stem.conv1.weight": "conv1.weight",
         "stem.conv1.norm.weight": "bn1.weight",
         "stem.conv1.norm.running_var": "bn1.running_var",

@@ -46,7 +46,7 @@ def test_knn_cli_official_and_trainer_checkpoints_agree(fm_shards, official_ckpt
     # random conv features still separate Fashion-MNIST far above chance (10 %)
     assert result["knn"]["5"]["top1"] > 30
     # the same weights in our trainer's run-dir layout, encoder read from the stored config
-    # (bicubic: the CLI's knn default, spec 7.1)
+    # (bicubic: the CLI's knn default, method.md §7.1)
     again = commands.run_knn(checkpoint=str(_trainer_run_dir(tmp_path / "run")), train_shards=str(fm_shards),
                              val_shards=str(fm_shards), ks=[1, 5, 20],
                              **{**LOADER_KW, "encoder": None, "interpolation": "bicubic"})
@@ -89,23 +89,8 @@ def test_cluster_refuses_impossible_levels(fm_shards, official_ckpt, capsys):
     assert "strictly decreasing" in err[-1] and "--num-clusters" in err[-1]
 
 
-def _linear_mode_missing(shards: Path) -> str | None:
-    from evaluate.data import data_config
-    from pipeline import build_loader
-
-    try:
-        build_loader(data_config(str(shards), batch_size=8, image_size=16, resize=16, workers=1),
-                     split="train", mode="linear", rank=0, world=1, epoch=0, seed=0).close()
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 @pytest.mark.slow
 def test_linear_cli_trains_and_resumes(fm_shards, official_ckpt, tmp_path, capsys):
-    missing = _linear_mode_missing(fm_shards)
-    if missing:
-        pytest.skip(f"pipeline.build_loader has no mode='linear' yet (the lead adds it): {missing}")
     args = ["linear", "--checkpoint", str(official_ckpt), "--train-shards", str(fm_shards), "--val-shards",
             str(fm_shards), "--out", str(tmp_path / "probe"), "--epochs", "2", "--milestones", "1",
             "--lr", "0.5", *LOADER[:-4], "--batch-size", "32", "--workers", "1"]
@@ -136,36 +121,8 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys, fm_shards):
     assert "nope.pth" in err and len(err.splitlines()) == 1  # nothing ran before the check
 
 
-@pytest.mark.slow
-def test_linear_command_glue_with_a_train_mode_stand_in(fm_shards, official_ckpt, tmp_path, monkeypatch):
-    """Until `mode="linear"` exists, run the probe command on the MoCo train loader's first view
-    (another augmentation, so only the plumbing is checked: features, probe, state, result file)."""
-    from pipeline import build_loader
-
-    seen = []
-
-    def stand_in(cfg, *, mode, **kw):
-        seen.append(mode)
-        return build_loader(cfg, mode="train" if mode == "linear" else mode, **kw)
-
-    monkeypatch.setattr(commands, "build_loader", stand_in)
-    from evaluate.linear import LinearConfig
-
-    kw = dict(checkpoint=str(official_ckpt), train_shards=str(fm_shards), val_shards=str(fm_shards),
-              out=str(tmp_path / "probe"), protocol=LinearConfig(epochs=2, lr=0.05, milestones=[1]),
-              global_batch=32, **{**LOADER_KW, "batch_size": 48})
-    first = commands.run_linear(**kw)
-    assert seen == ["linear", "linear"]
-    saved = json.loads((tmp_path / "probe" / "linear_result.json").read_text())
-    assert [h["epoch"] for h in saved["history"]] == [0, 1] and saved["last_top1"] == first["last_top1"]
-    assert first["best_top1"] >= first["last_top1"] >= 0
-    assert all(h["loss"] == h["loss"] for h in saved["history"])  # finite, not NaN
-    seen.clear()
-    assert commands.run_linear(**kw) == first and seen == []  # resumed after the last epoch: nothing reruns
-
-
 @pytest.mark.parametrize(("command", "extra", "want"), [
-    (["knn", "--train-shards", "A", "--val-shards", "B"], [], "bicubic"),  # spec 7.1
+    (["knn", "--train-shards", "A", "--val-shards", "B"], [], "bicubic"),  # method.md §7.1
     (["cluster", "--shards", "A"], [], "bicubic"),
     (["linear", "--train-shards", "A", "--val-shards", "B", "--out", "O"], [], "bilinear"),  # PCL protocol
     (["knn", "--train-shards", "A", "--val-shards", "B"], ["--interpolation", "bilinear"], "bilinear"),

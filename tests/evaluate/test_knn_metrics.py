@@ -1,4 +1,4 @@
-"""Weighted kNN (spec 7.1) against a naive loop and a planted answer; clustering metrics by hand."""
+"""Weighted kNN (method.md §7.1) against a naive loop and a planted answer; clustering metrics by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linear probe (spec 7.1 protocol) on toy features: it learns, it resumes exactly, ranks agree."""
+"""Linear probe (method.md §7.1 protocol) on toy features: it learns, it resumes exactly, ranks agree."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _eval(fc):
     return accuracy_counts(fc, *VAL)
 
 
-SHORT = LinearConfig(epochs=10, milestones=[6, 8])  # the spec protocol (lr 5, momentum 0.9, wd 0), shortened
+SHORT = LinearConfig(epochs=10, milestones=[6, 8])  # linear protocol (lr 5, momentum .9, wd 0), short
 
 
 def test_protocol_defaults_and_step_decay():

@@ -17,8 +17,8 @@ from evaluate.cli import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-# bilinear: the trainer's monitor resizes as the run's data.eval_interpolation (spec 2.2), where the
-# CLI's kNN and clustering default to spec 7.1's bicubic
+# bilinear: the trainer's monitor resizes as the run's data.eval_interpolation (method.md §2.2), where the
+# CLI's kNN and clustering default to method.md §7.1's bicubic
 LOADER = ["--image-size", "16", "--resize", "16", "--batch-size", "64", "--workers", "1",
           "--interpolation", "bilinear"]
 

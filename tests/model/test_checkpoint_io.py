@@ -1,4 +1,4 @@
-"""Official checkpoint layout in and out (spec 8, 10.13)."""
+"""Official checkpoint layout in and out (method.md §8, 10.13)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_resnet50_export_has_the_official_keys_and_shapes():
     assert sd["module.encoder_q.fc.2.weight"].shape == (128, 2048)
     assert "module.encoder_q.layer4.2.bn3.num_batches_tracked" in sd
     assert "module.encoder_k.layer1.0.downsample.1.running_var" in sd
-    # spec 8 backbone recipe: the official eval scripts' check on our export
+    # method.md §8 backbone recipe: the official eval scripts' check on our export
     trunk = {k[len("module.encoder_q."):]: v for k, v in sd.items()
              if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc.")}
     missing, unexpected = resnet50().load_state_dict(trunk, strict=False)

@@ -1,4 +1,4 @@
-"""Shuffle-BN and the queue update on 2 gloo ranks equal the single-process answer (spec 1, 6, 10.9)."""
+"""Shuffle-BN and the queue update on 2 gloo ranks equal the single-process answer (method.md §1, 6, 10.9)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_enqueue_matches_one_process_with_the_concatenated_batch(rank_results):
         torch.testing.assert_close(res["queue"], single["queue"], atol=1e-5, rtol=1e-4)
         assert torch.equal(res["index"], single["index"]) and torch.equal(res["ptr"], single["ptr"])
     assert int(single["ptr"]) == 16 % 16 and torch.equal(single["index"][:8], make_batch(b=8).idx)
-    # spec 6: the prototype negative set comes from the per-rank batch, not the global one
+    # method.md §6: the prototype negative set comes from the per-rank batch, not the global one
     protos = make_prototypes()
     for res in results:
         top = int(protos.im2cluster[0].max())

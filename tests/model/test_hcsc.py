@@ -1,4 +1,4 @@
-"""`HCSC.forward` end to end on a tiny model, each check against a naive recomputation (spec 10)."""
+"""`HCSC.forward` end to end on a tiny model, each check against a naive recomputation (method.md §10)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_all_instance_masks_kept_gives_levels_times_moco(average):
     batch = make_batch()
     want = _moco_reference(model, batch)
     out = model(batch, make_prototypes(), epoch=1)
-    factor = 1 if average else len(SIZES)  # spec 3: summed over levels (x3) unless averaged
+    factor = 1 if average else len(SIZES)  # method.md §3: summed over levels (x3) unless averaged
     assert abs(float(out["loss_inst"].detach()) - factor * float(want)) < 1e-5
     for logits in model.last_terms.inst_logits:
         assert torch.equal(logits, model.last_terms.inst_logits[0])
@@ -84,7 +84,7 @@ def test_masks_use_the_right_probabilities_after_several_steps():
         queue_before = model.queue.clone()
         model(batch, protos, epoch=1)
         terms = model.last_terms
-        assert torch.equal(terms.queue, queue_before)  # spec 10.9: selection uses the pre-enqueue queue
+        assert torch.equal(terms.queue, queue_before)  # method.md §10.9: selection uses the pre-enqueue queue
         inst = [p for p in sampler.probs if p.shape == (3, 8, 32)]  # all levels in one draw
         proto = [p for p in sampler.probs if p.shape[-1] != 32]
         assert len(inst) == 1 and len(proto) == 2  # no mask at the top level
@@ -101,7 +101,7 @@ def test_masks_use_the_right_probabilities_after_several_steps():
             a = protos.logits[lvl] / protos.density[lvl + 1]
             want = (1 - torch.softmax(a.double(), 1)[:, u].t()).clamp(1e-4, 0.999)
             torch.testing.assert_close(proto[lvl].double(), want, atol=1e-6, rtol=0)
-        assert terms.proto_masks[-1] is None  # spec 10.3: the top level is never selected
+        assert terms.proto_masks[-1] is None  # method.md §10.3: the top level is never selected
 
 
 def test_instance_logits_apply_the_sampled_masks():
@@ -163,11 +163,11 @@ def test_multi_crop_local_terms(on_local):
     out = model(make_batch(local=4), make_prototypes(), epoch=1)
     t, ce = model.last_terms, (lambda x: float(losses.info_nce(x.detach())))
     assert len(t.local_q) == 4
-    assert len(t.local_inst_logits) == (12 if on_local else 4)  # spec 10.4: L x V with selection
+    assert len(t.local_inst_logits) == (12 if on_local else 4)  # method.md §10.4: L x V with selection
     for v, z in enumerate(t.local_q):
         l_pos, l_neg = (z * t.k).sum(1, keepdim=True), z @ t.queue
         masks = t.inst_masks if on_local else [None]
-        for lvl, m in enumerate(masks):  # the SAME masks as the global query (spec 5.1)
+        for lvl, m in enumerate(masks):  # the SAME masks as the global query (method.md §5.1)
             want = losses.instance_logits(l_pos, l_neg, m, T)
             torch.testing.assert_close(t.local_inst_logits[v * len(masks) + lvl].detach(), want)
     assert abs(float(out["loss_local_inst"].detach()) - sum(ce(x) for x in t.local_inst_logits)) < 1e-4

@@ -1,4 +1,4 @@
-"""Logit builders and InfoNCE against naive loops and closed forms (spec 3, 4, 10.1, 10.2, 10.7)."""
+"""Logit builders and InfoNCE against naive loops and closed forms (method.md §3, 4, 10.1, 10.2, 10.7)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_instance_logits_match_loop_with_a_random_mask():
         row += [float(keep[i, j]) * float(z[i] @ queue[:, j]) / T for j in range(30)]
         torch.testing.assert_close(got[i], torch.tensor(row), atol=1e-6, rtol=0)
     dropped = got[:, 1:][~keep]
-    assert torch.all(dropped == 0.0)  # spec 10.2: masked entries are exactly 0.0
+    assert torch.all(dropped == 0.0)  # method.md §10.2: masked entries are exactly 0.0
 
 
 def test_all_kept_is_moco_and_all_dropped_is_the_closed_form():
@@ -36,7 +36,7 @@ def test_all_kept_is_moco_and_all_dropped_is_the_closed_form():
     zeros = torch.zeros(6, 50, dtype=torch.bool)
     got = losses.info_nce(losses.instance_logits(l_pos, l_neg, zeros, T))
     s = l_pos[:, 0].double() / T
-    closed = (-s + torch.log(torch.exp(s) + 50)).mean()  # spec 10.2 with K = 50
+    closed = (-s + torch.log(torch.exp(s) + 50)).mean()  # method.md §10.2 with K = 50
     assert abs(float(got) - float(closed)) < 1e-6
     removed = losses.info_nce(losses.instance_logits(l_pos, l_neg, zeros, T, remove_dropped=True))
     assert float(removed) == 0.0  # -inf negatives: only the positive remains
@@ -73,12 +73,12 @@ def test_excluded_prototypes_equals_the_set_construction():
         excl = losses.excluded_prototypes(labels, 12, torch.tensor(max_label), fix)
         kept = torch.arange(12)[~excl].tolist()
         assert kept == _excluded_reference(labels, max_label, fix)
-        assert excl[labels].all()  # every positive of the batch is excluded (spec 10.7)
+        assert excl[labels].all()  # every positive of the batch is excluded (method.md §10.7)
         assert bool(excl[max_label]) is (not fix)  # the inherited off-by-one, and its fix
 
 
 def _proto_loop(z, cents, dens, labels, negs, keep):
-    """Spec layout [z.c_y/phi_y, {t_ij (z.c_j)/phi_j}_{j in N}], one row at a time."""
+    """The method's layout [z.c_y/phi_y, {t_ij (z.c_j)/phi_j}_{j in N}], one row at a time."""
     rows = []
     for i in range(z.shape[0]):
         y = int(labels[i])
@@ -102,12 +102,12 @@ def test_proto_logits_layout_equals_the_spec_layout_with_the_same_ce_and_gradien
     want = _proto_loop(z.detach(), cents, dens, labels, negs, keep)
     assert compact.shape == (5, 1 + len(negs))
     torch.testing.assert_close(compact.detach(), want, atol=1e-6, rtol=0)
-    # column 0: the query's own positive over its own concentration (spec 10.7)
+    # column 0: the query's own positive over its own concentration (method.md §10.7)
     torch.testing.assert_close(full[:, 0].detach(), (z * cents[labels]).sum(1).detach() / dens[labels])
     # dropped candidates are exactly 0, not removed
     dropped = (~keep) & (~excl)[None, :]
     assert torch.all(full[:, 1:][dropped] == 0.0)
-    # the -inf columns contribute nothing: same CE and the same gradient as the spec's layout
+    # the -inf columns contribute nothing: same CE and the same gradient as the method's layout
     ce_full = losses.info_nce(full)
     z2 = z.detach().clone().requires_grad_(True)
     ref = losses.compact_proto_logits(losses.proto_logits(z2, cents, dens, labels, excl, keep), excl)

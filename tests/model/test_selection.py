@@ -1,4 +1,5 @@
-"""Keep probabilities, mask sampling and the selection cache against brute-force loops (spec 3, 4, 10.3)."""
+"""Keep probabilities, mask sampling and the selection cache against brute-force loops
+(method.md §3, 4, 10.3)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,22 @@ def _instance_prob_loop(queue, cents, dens, labels):
     return out
 
 
+def _keep_prob_one_level(queue, centroids, density, labels, log_norm=None):
+    """`instance_keep_prob_levels` for a single level (its normaliser computed when not given)."""
+    if log_norm is None:
+        log_norm = selection.queue_log_normalizer(queue, centroids, density)
+    return selection.instance_keep_prob_levels(queue, [centroids], [density], [labels], log_norm[None])[0]
+
+
 def test_instance_keep_prob_matches_brute_force_and_clip():
     g = torch.Generator().manual_seed(1)
     queue = F.normalize(torch.randn(8, 20, generator=g), dim=0)
     cents = F.normalize(torch.randn(12, 8, generator=g), dim=1)
     dens = torch.rand(12, generator=g) * 0.3 + 0.02
-    dens[3] = 1e-6  # below the 1e-3 clamp of spec 3
+    dens[3] = 1e-6  # below the 1e-3 clamp of method.md §3
     queue[:, 0] = cents[3]  # a key on prototype 3 (phi clamped to 1e-3): P(3 | q_0) ~ 1, the rest ~ 0
     labels = torch.tensor([5, 3, 0, 11])
-    got = selection.instance_keep_prob(queue, cents, dens, labels)
+    got = _keep_prob_one_level(queue, cents, dens, labels)
     want = _instance_prob_loop(queue, cents, dens, labels)
     assert got.shape == (4, 20)
     # fp32 maths on logits up to 1/1e-3 = 1000: a few 1e-6 of rounding, as in the official fp32 softmax
@@ -42,7 +50,7 @@ def test_instance_keep_prob_matches_brute_force_and_clip():
     assert got[1, 0] == 0.0  # query of cluster 3: that key is dropped surely (lower clip 0)
     assert got[0, 0] == pytest.approx(0.999)  # another cluster: kept with the upper clip
     cached = selection.queue_log_normalizer(queue, cents, dens)
-    torch.testing.assert_close(selection.instance_keep_prob(queue, cents, dens, labels, cached), got)
+    torch.testing.assert_close(_keep_prob_one_level(queue, cents, dens, labels, cached), got)
 
 
 def test_all_levels_at_once_equal_level_by_level():
@@ -54,7 +62,7 @@ def test_all_levels_at_once_equal_level_by_level():
     stacked = selection.instance_keep_prob_levels(queue, protos.centroids, protos.density, labels, norms)
     assert stacked.shape == (3, 5, 24)
     for lvl in range(3):
-        one = selection.instance_keep_prob(queue, protos.centroids[lvl], protos.density[lvl], labels[lvl])
+        one = _keep_prob_one_level(queue, protos.centroids[lvl], protos.density[lvl], labels[lvl])
         torch.testing.assert_close(stacked[lvl], one)
 
 

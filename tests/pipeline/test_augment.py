@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import build_loader, dali_graph
 from pipeline import loader as loader_module
-from pipeline.augment import ViewSpec, blur_window
+from pipeline.augment import ViewSpec
 from pipeline.plan import epoch_plan, load_shards
 from pipeline.reference import TorchLoader, view_transform
 from tests.pipeline.test_train import config
@@ -32,12 +32,10 @@ def crop_areas(views: np.ndarray) -> np.ndarray:
     return width * height / 256**2
 
 
-@pipeline_def(enable_conditionals=True)
-def _crops(plan, roi: bool):
+@pipeline_def
+def _crops(plan):
     jpg, _, _ = dali_graph.reader(plan, 0)
-    keep = fn.random.coin_flip(probability=1.0, dtype=types.BOOL)
-    decoded = None if roi else fn.decoders.image(jpg, output_type=types.RGB)
-    return dali_graph._crop_view(jpg, decoded, keep, SPEC, "cpu")
+    return dali_graph._crop_view(fn.decoders.image(jpg, output_type=types.RGB), SPEC)
 
 
 def check_areas(areas: np.ndarray) -> None:
@@ -47,11 +45,10 @@ def check_areas(areas: np.ndarray) -> None:
     assert abs(areas.mean() - (lo + hi) / 2) < 0.04 and areas.std() > 0.06
 
 
-@pytest.mark.parametrize("roi", [True, False])
-def test_dali_crop_area_within_scale(coordinate_shards, roi):
+def test_dali_crop_area_within_scale(coordinate_shards):
     shards, n = load_shards(coordinate_shards, "train")
     plan = epoch_plan(shards, n, train=True, rank=0, world=1, epoch=0, seed=0, batch_size=8)
-    pipe = _crops(plan, roi, batch_size=8, num_threads=1, device_id=None, seed=11)
+    pipe = _crops(plan, batch_size=8, num_threads=1, device_id=None, seed=11)
     pipe.build()
     views = np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in range(SAMPLES // 8)])
     check_areas(crop_areas(views))
@@ -64,10 +61,6 @@ def test_torch_crop_area_within_scale():
                                       np.zeros((256, 256), np.uint8)], axis=-1))
     torch.manual_seed(0)
     check_areas(crop_areas(np.stack([np.asarray(crop(image)) for _ in range(SAMPLES)])))
-
-
-def test_blur_window_is_odd_and_covers_two_sigma():
-    assert [blur_window(s) for s in (0.1, 0.5, 1.0, 2.0)] == [3, 3, 5, 9]
 
 
 def test_falls_back_to_torch_without_dali(fmnist_shards, monkeypatch, caplog):

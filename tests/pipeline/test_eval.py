@@ -13,7 +13,7 @@ from tests.pipeline.test_train import BACKENDS, config
 
 # Mean |DALI - torch| of the eval view in normalised units (std ~ 1) on the 20 foolbox JPEGs
 # (19 at 512x512, one 1024x683) at 64 px (resize 72). Measured 0.0012 overall and at most 0.0014
-# per image (2-core CPU, DALI 2.4 / torchvision 0.29 + PIL); bicubic (spec 7.1) 0.0014 and 0.0017.
+# per image (2-core CPU, DALI 2.4 / torchvision 0.29 + PIL); bicubic (method.md §7.1) 0.0014 and 0.0017.
 # The decoders' IDCT/upsampling and the antialiased resize kernels differ by a fraction of a grey
 # level. A crop one pixel off (DALI's rounded `resize_shorter` instead of torchvision's
 # truncation) gave 0.10 on the 1024x683 image.

@@ -83,7 +83,7 @@ def test_resume_equals_uninterrupted(fmnist_shards, backend):
 
 
 def test_multi_crop_scales_follow_spec():
-    cfg = DataConfig(multi_crop=True)  # spec 5.3 numbers at 224
+    cfg = DataConfig(multi_crop=True)  # method.md §5.3 numbers at 224
     specs = view_specs(cfg)
     assert [s.size for s in specs] == [224, 224, 192, 160, 128, 96]
     mins = [round(s.scale[0], 3) for s in specs]
@@ -132,7 +132,7 @@ def test_batches_stay_valid_after_later_batches(fmnist_shards, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_mode_is_crop_and_flip_only(fmnist_shards, coordinate_shards, backend):
-    """mode="linear" (linear probe, spec 7.1): one RandomResizedCrop + flip view, no colour ops."""
+    """mode="linear" (linear probe, method.md §7.1): one RandomResizedCrop + flip view, no colour ops."""
     cfg = config(fmnist_shards, backend)
     batches = collect(cfg, mode="linear", world=2, rank=1)
     assert len(batches) == FMNIST_TRAIN // (2 * 16)

@@ -19,7 +19,7 @@ def dali_read(out, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[t
     paths = [str(out / s["name"]) for s in entry["shards"]]
     index_paths = [str(out / s["index"]) for s in entry["shards"]]
 
-    @pipeline_def(batch_size=7, num_threads=1, device_id=None)  # CPU-only (design.md section 4)
+    @pipeline_def(batch_size=7, num_threads=1, device_id=None)  # CPU-only: device_id=None
     def pipe():
         image, cls, idx = fn.readers.webdataset(paths=paths, index_paths=index_paths,
                                                 ext=["jpg;png", "cls", "idx"],

@@ -1,4 +1,4 @@
-"""LR schedule (spec 10 item 11) and run-directory guards."""
+"""LR schedule (method.md §10 item 11) and run-directory guards."""
 
 from __future__ import annotations
 

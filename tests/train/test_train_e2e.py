@@ -81,7 +81,7 @@ def test_two_ranks_cross_the_warmup_boundary(fmnist_shards, tmp_path):
     hcsc = [r for r in train if r["epoch"] >= 1]
     assert all(r["loss_proto"] == 0 for r in warmup)
     assert all(r["loss_proto"] > 0 for r in hcsc)  # clustering ran and PCSC contributes
-    # spec 3: the instance loss is summed over 3 levels once clustering starts.
+    # method.md §3: the instance loss is summed over 3 levels once clustering starts.
     assert min(r["loss_inst"] for r in hcsc) > 2 * max(r["loss_inst"] for r in warmup)
     final = _records(tmp_path / "run", "final")[0]
     assert 0 <= final["knn_top1"] <= 100 and 0 <= final["val_nmi"] <= 1
@@ -151,7 +151,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(fmnist_shards, tmp_path):
 
 
 def _check_official_export(path: Path) -> None:
-    """Spec 8 recipe: keep module.encoder_q.* minus fc.*, strip the prefix, load with strict=False:
+    """docs/method.md §8 recipe: keep module.encoder_q.* minus fc.*, strip the prefix, load with strict=False:
     only the classifier (fc.weight, fc.bias) is missing."""
     from model.encoders import create_encoder
 
