@@ -120,7 +120,7 @@ def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0
         out = extract_features(embed, loader, normalize=normalize, desc=desc or f"features {split}")
     finally:
         loader.close()
-    out.class_names = list(info.get("class_names", []))
+    out.class_names = list(info.class_names)
     return out
 
 

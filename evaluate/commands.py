@@ -43,7 +43,7 @@ def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split:
     trunk, _ = _trunk(checkpoint, encoder)
     bank = split_features(trunk, data_config(train_shards, **loader), train_split, seed=seed)
     val = split_features(trunk, data_config(val_shards, **loader), val_split, seed=seed)
-    num_classes = len(split_info(train_shards, train_split)["class_names"])
+    num_classes = split_info(train_shards, train_split).num_classes
     queries = gather_by_idx(val.idx, val.feats, val.num_samples)
     labels = gather_by_idx(val.idx, val.cls, val.num_samples)
     scores = knn_predict_many(bank.feats, bank.cls, queries, num_classes=num_classes,
@@ -61,7 +61,7 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
                 niter: int = 20, nredo: int = 5, encoder: str | None = None, seed: int = 0,
                 **loader: Any) -> dict:
     """Hierarchical k-means of the split's normalised trunk features, scored per level."""
-    check_levels(num_clusters, split_info(shards, split)["num_samples"])  # before any feature work
+    check_levels(num_clusters, split_info(shards, split).num_samples)  # before any feature work
     trunk, _ = _trunk(checkpoint, encoder)
     feats = split_features(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
     cfg = ClusterConfig(niter=niter, nredo=nredo)
@@ -79,7 +79,7 @@ def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str,
     if global_batch % world:
         raise ValueError(f"--batch-size {global_batch} (global) is not divisible by {world} ranks")
     trunk, feat_dim = _trunk(checkpoint, encoder)
-    num_classes = len(split_info(train_shards, train_split)["class_names"])
+    num_classes = split_info(train_shards, train_split).num_classes
     eval_cfg = data_config(val_shards, **loader)
     val = split_features(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
     train_cfg = data_config(train_shards, **{**loader, "batch_size": global_batch // world})

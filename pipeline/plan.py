@@ -89,24 +89,24 @@ def load_shards(folder: str | os.PathLike, split: str) -> tuple[list[ShardFile],
     entry = split_info(folder, split)
     fix = "rebuild or re-copy the shards (`hcsc-shards verify` checks a folder)"
     shards = []
-    for s in entry.get("shards", []):
-        tar, index = folder / s["name"], folder / s["index"]
+    for s in entry.shards:
+        tar, index = folder / s.name, folder / s.index
         if not tar.is_file():
             raise ShardFormatError(f"{tar}: shard listed in {INFO_NAME} is missing; {fix}")
         size = tar.stat().st_size
-        if "bytes" in s and size != s["bytes"]:
-            raise ShardFormatError(f"{tar}: {size} bytes, manifest says {s['bytes']} (truncated?); {fix}")
+        if size != s.bytes:
+            raise ShardFormatError(f"{tar}: {size} bytes, manifest says {s.bytes} (truncated?); {fix}")
         if not index.is_file():
-            raise ShardFormatError(f"{index}: DALI index of {s['name']} is missing; {fix}")
+            raise ShardFormatError(f"{index}: DALI index of {s.name} is missing; {fix}")
         counted = _index_count(index)
-        if counted != s["num_samples"]:
+        if counted != s.num_samples:
             raise ShardFormatError(f"{index}: indexes {counted} samples, manifest says "
-                                   f"{s['num_samples']}; {fix}")
-        shards.append(ShardFile(tar, index, int(s["num_samples"])))
+                                   f"{s.num_samples}; {fix}")
+        shards.append(ShardFile(tar, index, s.num_samples))
     total = sum(s.num_samples for s in shards)
-    if not shards or total != entry.get("num_samples"):
+    if not shards or total != entry.num_samples:
         raise ShardFormatError(f"{folder / INFO_NAME}: split {split!r} lists {len(shards)} shards with "
-                               f"{total} samples, but num_samples is {entry.get('num_samples')}; {fix}")
+                               f"{total} samples, but num_samples is {entry.num_samples}; {fix}")
     return shards, total
 
 

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from core.files import write_json_atomic
 from shards.convert import probe_files
-from shards.format import FORMAT_VERSION, INFO_NAME, shard_name
+from shards.format import FORMAT_VERSION, INFO_NAME, ShardRecord, SplitManifest, parse_split, shard_name
 from shards.manifest import BuildError, load_manifest, other_class_names, remove_split, update_manifest
-from shards.sources import Listing, list_inputs, parse_source
+from shards.sources import Listing, SourceSpec, list_inputs, parse_source
 from shards.writer import ShardTask, fsync_files, shard_is_complete, write_shard
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, seed: int = 0, workers: int = 1,
                  max_side: int | None = None, quality: int = DEFAULT_QUALITY, limit: int | None = None,
                  overwrite: bool = False, resume: bool = False, fsync: bool = True,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True) -> SplitManifest:
     """Build (or resume, or confirm up to date) one split of a shard folder.
 
     Args:
@@ -91,7 +91,7 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
     out.mkdir(parents=True, exist_ok=True)
     params = {"seed": seed, "samples_per_shard": samples_per_shard, "max_side": max_side,
               "quality": quality, "limit": limit}
-    fingerprint = hashlib.sha256(json.dumps([FORMAT_VERSION, spec, split, params], sort_keys=True)
+    fingerprint = hashlib.sha256(json.dumps([FORMAT_VERSION, spec.to_json(), split, params], sort_keys=True)
                                  .encode()).hexdigest()[:16]
     done = _prepare_folder(out, split, fingerprint, overwrite, resume)
     if done is not None:
@@ -105,7 +105,7 @@ def build_shards(source: str, out: str | os.PathLike, *, split: str = "train",
         records = _write_all(out, split, spec, listing, plan, order, params, pool, show_progress)
     entry = _entry(spec, split, params, fingerprint, listing, plan, records)
     if fsync:
-        fsync_files([out / name for r in records for name in (r["name"], r["index"])])
+        fsync_files([out / name for r in records for name in (r.name, r.index)])
     update_manifest(out, split, entry)
     shutil.rmtree(out / f".build-{split}", ignore_errors=True)
     _log_summary(out, split, entry, time.perf_counter() - start)
@@ -124,10 +124,12 @@ def _check_args(split: str, samples_per_shard: int, workers: int, max_side: int 
         raise BuildError(f"--quality {quality}: must be at most 100 (95 keeps JPEG artefacts low)")
 
 
-def _prepare_folder(out: Path, split: str, fingerprint: str, overwrite: bool, resume: bool) -> dict | None:
+def _prepare_folder(out: Path, split: str, fingerprint: str, overwrite: bool,
+                    resume: bool) -> SplitManifest | None:
     """Refuse another build's split unless overwriting; return the entry when already built."""
     state = out / f".build-{split}"
-    entry = load_manifest(out).get("splits", {}).get(split)
+    raw = load_manifest(out).get("splits", {}).get(split)
+    entry = None if raw is None else parse_split(out, split, raw)
     if overwrite and resume:
         raise BuildError("--overwrite and --resume contradict each other; pass one of them")
     if overwrite:
@@ -135,11 +137,11 @@ def _prepare_folder(out: Path, split: str, fingerprint: str, overwrite: bool, re
         shutil.rmtree(state, ignore_errors=True)
         return None
     if entry is not None:
-        if entry.get("fingerprint") == fingerprint:
+        if entry.fingerprint == fingerprint:
             shutil.rmtree(state, ignore_errors=True)  # left behind if killed just after the manifest
             return entry
         raise BuildError(f"{out}: holds split {split!r} from a different build (source "
-                         f"{entry['source'].get('path')}, params {entry['params']}); pass --overwrite "
+                         f"{entry.source.get('path')}, params {entry.params}); pass --overwrite "
                          "to replace it or choose another --out")
     plan = _read_plan(state)
     if plan is not None and plan.get("fingerprint") != fingerprint:
@@ -189,7 +191,7 @@ def _load_or_scan(out: Path, split: str, fingerprint: str, listing: Listing, par
     plan = _read_plan(path.parent)
     if plan is not None:
         if plan.get("digest") != listing.digest:
-            raise BuildError(f"{listing.spec['path']}: changed since the interrupted build in {out}; "
+            raise BuildError(f"{listing.spec.path}: changed since the interrupted build in {out}; "
                              "pass --overwrite to start again")
         log.info("%s: resuming the build of split %r", out, split)
         return plan
@@ -197,10 +199,10 @@ def _load_or_scan(out: Path, split: str, fingerprint: str, listing: Listing, par
     if params["limit"] is not None and params["limit"] < len(chosen):
         chosen = np.sort(np.random.default_rng([params["seed"], 1]).choice(
             len(chosen), params["limit"], replace=False))
-    if listing.spec["kind"] == "fashion-mnist":
+    if listing.spec.kind == "fashion-mnist":
         decisions = ["convert:encoded"] * len(chosen)  # raw pixels: always encoded, never unreadable
     else:
-        paths = [os.path.join(listing.spec["path"], listing.inputs[i]) for i in chosen]
+        paths = [os.path.join(listing.spec.path, listing.inputs[i]) for i in chosen]
         # A probe costs ~13 us, about what a Pool spends passing one item: hand the workers whole
         # batches (a list each way per batch), or 2 workers scan no faster than 1.
         batches = [paths[i:i + SCAN_BATCH] for i in range(0, len(paths), SCAN_BATCH)]
@@ -239,8 +241,8 @@ def _shuffle(plan: dict, seed: int) -> list[int]:
     return [usable[p] for p in perm]
 
 
-def _write_all(out: Path, split: str, spec: dict, listing: Listing, plan: dict, order: list[int],
-               params: dict, pool, show_progress: bool) -> list[dict]:
+def _write_all(out: Path, split: str, spec: SourceSpec, listing: Listing, plan: dict, order: list[int],
+               params: dict, pool, show_progress: bool) -> list[ShardRecord]:
     decision_of = dict(zip(plan["chosen"], plan["decisions"], strict=True))
     size = params["samples_per_shard"]
     tasks = [ShardTask(str(out), split, k, spec, start, [listing.inputs[i] for i in part],
@@ -253,62 +255,60 @@ def _write_all(out: Path, split: str, spec: dict, listing: Listing, plan: dict, 
     todo = [t for t in tasks if shard_name(split, t.number) not in kept]
     if kept:
         log.info("%s: keeping %d complete shards, writing %d", out, len(kept), len(todo))
-    bar = tqdm(total=len(order), initial=sum(r["num_samples"] for r in kept.values()), unit="img",
+    bar = tqdm(total=len(order), initial=sum(r.num_samples for r in kept.values()), unit="img",
                desc=f"write {split}", disable=not show_progress, smoothing=0.1)
     with bar:
         for record in pool.imap_unordered(write_shard, todo):
-            write_json_atomic(state / f"{record['name']}.json", record)
-            kept[record["name"]] = record
-            bar.update(record["num_samples"])
+            write_json_atomic(state / f"{record.name}.json", record.to_json())
+            kept[record.name] = record
+            bar.update(record.num_samples)
     return [kept[shard_name(split, t.number)] for t in tasks]
 
 
-def _check_record(args: tuple[str, str]) -> dict | None:
+def _check_record(args: tuple[str, str]) -> ShardRecord | None:
     out, record_path = args
     try:
-        record = json.loads(Path(record_path).read_text())
+        record = ShardRecord.from_json(json.loads(Path(record_path).read_text()))
         return record if shard_is_complete(Path(out), record) else None
     except (OSError, ValueError, KeyError, TypeError):  # a record cut short by a crash: rewrite the shard
         return None
 
 
-def _completed(state: Path, tasks: list[ShardTask], pool) -> dict[str, dict]:
+def _completed(state: Path, tasks: list[ShardTask], pool) -> dict[str, ShardRecord]:
     """Records of shards finished by an earlier run whose files still match their checksums."""
     names = [shard_name(t.split, t.number) for t in tasks]
     paths = [(str(state.parent), str(state / f"{n}.json")) for n in names if (state / f"{n}.json").is_file()]
-    return {r["name"]: r for r in pool.imap(_check_record, paths) if r is not None}
+    return {r.name: r for r in pool.imap(_check_record, paths) if r is not None}
 
 
-def _entry(spec: dict, split: str, params: dict, fingerprint: str, listing: Listing, plan: dict,
-           records: list[dict]) -> dict:
+def _entry(spec: SourceSpec, split: str, params: dict, fingerprint: str, listing: Listing, plan: dict,
+           records: list[ShardRecord]) -> SplitManifest:
     decisions = Counter(plan["decisions"])
     skipped = list(listing.skipped) + [
         {"input": listing.inputs[i], "reason": d[len("skip:"):]}
         for i, d in zip(plan["chosen"], plan["decisions"], strict=True) if d.startswith("skip:")]
-    num = sum(r["num_samples"] for r in records)
-    return {"num_samples": num, "num_classes": len(listing.class_names),
-            "class_names": listing.class_names, "shards": records, "idx_range": [0, num],
-            "source": spec, "split": split, "params": params, "tool_version": tool_version(),
-            "fingerprint": fingerprint, "source_digest": listing.digest,
-            "num_inputs": len(plan["chosen"]), "copied": decisions.get("copy", 0),
-            "converted": {d[len("convert:"):]: n for d, n in sorted(decisions.items())
-                          if d.startswith("convert:")},
-            "skipped": skipped, "empty_classes": listing.empty_classes}
+    return SplitManifest(
+        num_samples=sum(r.num_samples for r in records), class_names=listing.class_names, shards=records,
+        split=split, source=spec.to_json(), params=params, tool_version=tool_version(),
+        fingerprint=fingerprint, source_digest=listing.digest, num_inputs=len(plan["chosen"]),
+        copied=decisions.get("copy", 0),
+        converted={d[len("convert:"):]: n for d, n in sorted(decisions.items()) if d.startswith("convert:")},
+        skipped=skipped, empty_classes=listing.empty_classes)
 
 
-def _log_summary(out: Path, split: str, entry: dict, seconds: float) -> None:
-    total = sum(r["bytes"] for r in entry["shards"])
+def _log_summary(out: Path, split: str, entry: SplitManifest, seconds: float) -> None:
+    total = sum(r.bytes for r in entry.shards)
     log.info("%s: split %r: %d samples, %d classes, %d shards, %.1f MB in %.1f s (%.0f images/s); "
-             "copied %d, converted %s, skipped %d, empty classes %d", out, split, entry["num_samples"],
-             entry["num_classes"], len(entry["shards"]), total / 1e6, seconds,
-             entry["num_samples"] / max(seconds, 1e-9), entry["copied"], entry["converted"] or 0,
-             len(entry["skipped"]), len(entry["empty_classes"]))
-    if entry["empty_classes"]:
-        log.warning("class folders without images (ids kept, no samples): %s", entry["empty_classes"])
-    for item in entry["skipped"][:10]:
+             "copied %d, converted %s, skipped %d, empty classes %d", out, split, entry.num_samples,
+             entry.num_classes, len(entry.shards), total / 1e6, seconds,
+             entry.num_samples / max(seconds, 1e-9), entry.copied, entry.converted or 0,
+             len(entry.skipped), len(entry.empty_classes))
+    if entry.empty_classes:
+        log.warning("class folders without images (ids kept, no samples): %s", entry.empty_classes)
+    for item in entry.skipped[:10]:
         log.warning("skipped %s: %s", item["input"], item["reason"])
-    if len(entry["skipped"]) > 10:
-        log.warning("... and %d more skipped inputs, listed in %s", len(entry["skipped"]) - 10,
+    if len(entry.skipped) > 10:
+        log.warning("... and %d more skipped inputs, listed in %s", len(entry.skipped) - 10,
                     out / INFO_NAME)
 
 

@@ -72,9 +72,8 @@ def _build(args: argparse.Namespace) -> int:
                          seed=args.seed, workers=args.workers, max_side=args.max_side,
                          quality=args.quality, limit=args.limit, overwrite=args.overwrite,
                          resume=args.resume, fsync=args.fsync, show_progress=not args.quiet)
-    print(f"{args.out}: split {args.split!r}: {entry['num_samples']} samples in {len(entry['shards'])} "
-          f"shards; copied {entry['copied']}, converted {entry['converted'] or 0}, "
-          f"skipped {len(entry['skipped'])}")
+    print(f"{args.out}: split {args.split!r}: {entry.num_samples} samples in {len(entry.shards)} "
+          f"shards; copied {entry.copied}, converted {entry.converted or 0}, skipped {len(entry.skipped)}")
     return 0
 
 

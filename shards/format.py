@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,72 @@ IMAGE_EXTS = ("jpg", "png")
 
 class ShardFormatError(ValueError):
     """A shard folder or manifest that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One tar of a split as the manifest records it (also a finished shard's resume record)."""
+
+    name: str  # SPLIT-NNNNNN.tar
+    num_samples: int
+    sha256: str  # of the tar
+    bytes: int  # size of the tar
+    index: str  # the DALI index file's name
+    index_sha256: str
+    idx_range: tuple[int, int]  # [start, stop) of the global idx of its samples
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "idx_range": list(self.idx_range)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ShardRecord:
+        start, stop = d["idx_range"]
+        return cls(str(d["name"]), int(d["num_samples"]), str(d["sha256"]), int(d["bytes"]),
+                   str(d["index"]), str(d["index_sha256"]), (int(start), int(stop)))
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """One split's entry in ``_info.json``: what it holds and how it was built."""
+
+    num_samples: int
+    class_names: list[str]  # class id -> name
+    shards: list[ShardRecord]
+    split: str
+    source: dict[str, Any]  # `shards.sources.SourceSpec.to_json()`
+    params: dict[str, Any]  # seed, samples_per_shard, max_side, quality, limit
+    tool_version: str
+    fingerprint: str  # of (format, source, split, params): what makes a rerun "the same build"
+    source_digest: str = ""  # of the listed inputs and their sizes
+    num_inputs: int = 0  # inputs considered (after --limit)
+    copied: int = 0  # JPEG bytes copied unchanged
+    converted: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
+    empty_classes: list[str] = field(default_factory=list)  # class folders without an image
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def idx_range(self) -> tuple[int, int]:
+        return 0, self.num_samples
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(shards=[s.to_json() for s in self.shards], num_classes=self.num_classes,
+                   idx_range=list(self.idx_range))
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SplitManifest:
+        return cls(num_samples=int(d["num_samples"]), class_names=list(d["class_names"]),
+                   shards=[ShardRecord.from_json(s) for s in d["shards"]], split=str(d["split"]),
+                   source=dict(d["source"]), params=dict(d["params"]),
+                   tool_version=str(d["tool_version"]), fingerprint=str(d["fingerprint"]),
+                   source_digest=str(d.get("source_digest", "")), num_inputs=int(d.get("num_inputs", 0)),
+                   copied=int(d.get("copied", 0)), converted=dict(d.get("converted") or {}),
+                   skipped=list(d.get("skipped", [])), empty_classes=list(d.get("empty_classes", [])))
 
 
 def shard_name(split: str, i: int) -> str:
@@ -82,16 +150,21 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def split_info(folder: str | os.PathLike, split: str) -> dict[str, Any]:
-    """The manifest entry of one split: num_samples, class_names, shards [{name, num_samples,
-    sha256, bytes, index, index_sha256, idx_range}], idx_range ([start, stop), half-open), source,
-    params, tool_version, fingerprint, converted {reason: count}, skipped [{input, reason}],
-    empty_classes."""
-    info = read_info(folder)
-    splits = info.get("splits", {})
+def split_info(folder: str | os.PathLike, split: str) -> SplitManifest:
+    """The manifest entry of one split of a shard folder."""
+    splits = read_info(folder).get("splits", {})
     if split not in splits:
         raise ShardFormatError(f"{Path(folder) / INFO_NAME}: no split {split!r} "
                                f"(has {sorted(splits)}); build it with --split {split}")
-    return splits[split]
+    return parse_split(folder, split, splits[split])
+
+
+def parse_split(folder: str | os.PathLike, split: str, entry: Mapping[str, Any]) -> SplitManifest:
+    """`SplitManifest.from_json` with a one-line error naming the manifest and the bad field."""
+    try:
+        return SplitManifest.from_json(entry)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ShardFormatError(f"{Path(folder) / INFO_NAME}: split {split!r} has a damaged entry "
+                               f"({type(err).__name__}: {err}); rebuild the split") from None
 
 

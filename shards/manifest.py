@@ -18,9 +18,12 @@ from shards.format import (
     FORMAT_VERSION,
     INFO_NAME,
     ShardFormatError,
+    SplitManifest,
     index_name,
+    parse_split,
     read_info,
 )
+from shards.sources import SourceSpec
 
 
 class BuildError(ValueError):
@@ -47,11 +50,11 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update_manifest(out: Path, split: str, entry: dict) -> None:
+def update_manifest(out: Path, split: str, entry: SplitManifest) -> None:
     """Set ``splits[split] = entry``, keeping the other splits."""
     with _locked(out):
         info = load_manifest(out) or {"format_version": FORMAT_VERSION, "splits": {}}
-        info.setdefault("splits", {})[split] = entry
+        info.setdefault("splits", {})[split] = entry.to_json()
         write_json_atomic(out / INFO_NAME, info)
 
 
@@ -69,10 +72,10 @@ def remove_split(out: Path, split: str) -> None:
         stray.unlink()
 
 
-def other_class_names(out: Path, split: str, spec: dict) -> list[str] | None:
+def other_class_names(out: Path, split: str, spec: SourceSpec) -> list[str] | None:
     """For an ``imagenet-val`` source: the class names of the folder's ``train`` split, so that a
     label like ``n01440764`` gets the same id as the train folder of that name."""
-    if spec["kind"] != "imagenet-val" or split == "train":
+    if spec.kind != "imagenet-val" or split == "train":
         return None
     entry = load_manifest(out).get("splits", {}).get("train")
-    return None if entry is None else list(entry["class_names"])
+    return None if entry is None else parse_split(out, "train", entry).class_names

@@ -22,7 +22,7 @@ import gzip
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,21 +40,42 @@ class SourceError(ValueError):
     """A source spec or path that cannot be used; the message names it and says what to do."""
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``--source``: its kind and absolute paths.
+
+    Attributes:
+        kind: "imagefolder", "imagenet-val" or "fashion-mnist".
+        path: the image folder (or the Fashion-MNIST folder).
+        labels: imagenet-val only: the labels file.
+        part: fashion-mnist only: "train" or "test".
+    """
+
+    kind: str
+    path: str
+    labels: str = ""
+    part: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        """The manifest's ``source`` (and part of the build fingerprint): the fields that apply."""
+        return {k: v for k, v in asdict(self).items() if v}
+
+
 @dataclass
 class Listing:
     """Everything a build needs to know about its inputs before reading any image.
 
     Attributes:
-        spec: JSON-able description of the source (kind, absolute paths, part).
+        spec: the parsed source.
         class_names: class id -> name.
-        inputs: per input, a path relative to ``spec["path"]``, or ``#<row>`` for array sources.
+        inputs: per input, a path relative to ``spec.path``, or ``#<row>`` for array sources.
         labels: per input, its class id.
         skipped: ``{"input", "reason"}`` for inputs found but unusable before any decoding.
         empty_classes: class folders without a single image.
         digest: sha256 over inputs, labels and file sizes; a resumed build checks it is unchanged.
     """
 
-    spec: dict
+    spec: SourceSpec
     class_names: list[str]
     inputs: list[str]
     labels: list[int]
@@ -63,20 +84,20 @@ class Listing:
     digest: str = ""
 
 
-def parse_source(source: str, split: str) -> dict:
-    """``KIND:ARGS`` -> spec dict with absolute paths; raises `SourceError` for bad specs or paths."""
+def parse_source(source: str, split: str) -> SourceSpec:
+    """``KIND:ARGS`` -> `SourceSpec` with absolute paths; raises `SourceError` for bad specs or paths."""
     kind, sep, rest = source.partition(":")
     if not sep:
         raise SourceError(f"source {source!r}: expected imagefolder:PATH, imagenet-val:PATH,LABELS "
                           "or fashion-mnist:DIR[:train|test]")
     if kind == "imagefolder":
-        return {"kind": kind, "path": _existing(rest, source, folder=True)}
+        return SourceSpec(kind, _existing(rest, source, folder=True))
     if kind == "imagenet-val":
         path, comma, labels = rest.rpartition(",")
         if not comma:
             raise SourceError(f"source {source!r}: expected imagenet-val:PATH,LABELS")
-        return {"kind": kind, "path": _existing(path, source, folder=True),
-                "labels": _existing(labels, source, folder=False)}
+        return SourceSpec(kind, _existing(path, source, folder=True),
+                          labels=_existing(labels, source, folder=False))
     if kind == "fashion-mnist":
         path, part = rest or DEFAULT_FASHION_MNIST, ""
         if re.search(r":(train|test)$", path):
@@ -88,7 +109,7 @@ def parse_source(source: str, split: str) -> dict:
             if not (Path(folder) / f"{prefix}-{suffix}").is_file():
                 raise SourceError(f"source {source!r}: {folder}/{prefix}-{suffix} does not exist; "
                                   "install the Debian package dataset-fashion-mnist")
-        return {"kind": kind, "path": folder, "part": part}
+        return SourceSpec(kind, folder, part=part)
     raise SourceError(f"source {source!r}: unknown kind {kind!r}; use imagefolder, imagenet-val "
                       "or fashion-mnist")
 
@@ -101,19 +122,19 @@ def _existing(path: str, source: str, *, folder: bool) -> str:
     return str(p.resolve())
 
 
-def list_inputs(spec: dict, *, class_names: list[str] | None = None) -> Listing:
+def list_inputs(spec: SourceSpec, *, class_names: list[str] | None = None) -> Listing:
     """Enumerate the inputs of a parsed source in a deterministic (sorted) order."""
-    if spec["kind"] == "imagefolder":
-        listing = _list_imagefolder(Path(spec["path"]), spec)
-    elif spec["kind"] == "imagenet-val":
-        listing = _list_imagenet_val(Path(spec["path"]), Path(spec["labels"]), spec, class_names)
+    if spec.kind == "imagefolder":
+        listing = _list_imagefolder(Path(spec.path), spec)
+    elif spec.kind == "imagenet-val":
+        listing = _list_imagenet_val(Path(spec.path), Path(spec.labels), spec, class_names)
     else:
-        images, labels = load_fashion_mnist(spec["path"], spec["part"])
+        images, labels = load_fashion_mnist(spec.path, spec.part)
         listing = Listing(spec, list(FASHION_MNIST_CLASSES),
                           [f"{ARRAY_PREFIX}{i}" for i in range(len(labels))], labels.tolist())
         listing.digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
         return listing
-    listing.digest = _digest(Path(spec["path"]), listing)
+    listing.digest = _digest(Path(spec.path), listing)
     return listing
 
 
@@ -121,7 +142,7 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _list_imagefolder(root: Path, spec: dict) -> Listing:
+def _list_imagefolder(root: Path, spec: SourceSpec) -> Listing:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise SourceError(f"source imagefolder:{root}: no class sub-folders; expected one folder per class")
@@ -162,7 +183,7 @@ def _read_labels(labels_file: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _list_imagenet_val(root: Path, labels_file: Path, spec: dict,
+def _list_imagenet_val(root: Path, labels_file: Path, spec: SourceSpec,
                        class_names: list[str] | None) -> Listing:
     pairs = _read_labels(labels_file)
     entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -234,9 +255,9 @@ def load_fashion_mnist(folder: str, part: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def read_input(spec: dict, name: str) -> bytes | np.ndarray:
+def read_input(spec: SourceSpec, name: str) -> bytes | np.ndarray:
     """The raw bytes of a file input, or the uint8 [28, 28] pixels of an array input."""
-    if spec["kind"] == "fashion-mnist":
-        return load_fashion_mnist(spec["path"], spec["part"])[0][int(name[1:])]
-    with open(os.path.join(spec["path"], name), "rb") as f:
+    if spec.kind == "fashion-mnist":
+        return load_fashion_mnist(spec.path, spec.part)[0][int(name[1:])]
+    with open(os.path.join(spec.path, name), "rb") as f:
         return f.read()

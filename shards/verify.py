@@ -20,7 +20,16 @@ from pathlib import Path
 from PIL import Image
 
 from shards.build import start_method
-from shards.format import CLS_WIDTH, IDX_WIDTH, IMAGE_EXTS, ShardFormatError, read_info
+from shards.format import (
+    CLS_WIDTH,
+    IDX_WIDTH,
+    IMAGE_EXTS,
+    ShardFormatError,
+    ShardRecord,
+    SplitManifest,
+    parse_split,
+    read_info,
+)
 from shards.writer import index_text, sha256_file
 
 MAX_LISTED = 20  # per kind of idx problem; the count of the rest follows in one line
@@ -39,30 +48,35 @@ def verify(folder: str | Path, *, split: str | None = None, decode: bool = False
         return [f"{folder}: no split {split!r} in the manifest (has {sorted(splits)})"]
     problems = []
     for name in [split] if split else sorted(splits):
-        problems += _check_split(folder, name, splits[name], decode, workers)
+        try:
+            entry = parse_split(folder, name, splits[name])
+        except ShardFormatError as err:
+            problems.append(str(err))
+            continue
+        problems += _check_split(folder, name, entry, decode, workers)
     return problems
 
 
-def _check_split(folder: Path, split: str, entry: dict, decode: bool, workers: int) -> list[str]:
-    check = functools.partial(check_shard, folder, split, num_classes=len(entry["class_names"]),
+def _check_split(folder: Path, split: str, entry: SplitManifest, decode: bool, workers: int) -> list[str]:
+    check = functools.partial(check_shard, folder, split, num_classes=entry.num_classes,
                               decode=decode)
     if workers > 1:
         with multiprocessing.get_context(start_method()).Pool(workers) as pool:
-            results = pool.map(check, entry["shards"])
+            results = pool.map(check, entry.shards)
     else:
-        results = list(map(check, entry["shards"]))
+        results = list(map(check, entry.shards))
     problems = [p for shard_problems, _ in results for p in shard_problems]
-    listed = {s["name"] for s in entry["shards"]}
+    listed = {s.name for s in entry.shards}
     problems += [f"{split}/{p.name}: shard file not listed in the manifest"
                  for p in sorted(folder.glob(f"{split}-*.tar")) if p.name not in listed]
-    recorded = sum(s["num_samples"] for s in entry["shards"])
-    if recorded != entry["num_samples"]:
-        problems.append(f"{split}: shards hold {recorded} samples, manifest says {entry['num_samples']}")
+    recorded = sum(s.num_samples for s in entry.shards)
+    if recorded != entry.num_samples:
+        problems.append(f"{split}: shards hold {recorded} samples, manifest says {entry.num_samples}")
     locations = defaultdict(list)
-    for shard, (_, samples) in zip(entry["shards"], results, strict=True):
+    for shard, (_, samples) in zip(entry.shards, results, strict=True):
         for idx in samples:
-            locations[idx].append(shard["name"])
-    return problems + _coverage(split, entry["num_samples"], locations)
+            locations[idx].append(shard.name)
+    return problems + _coverage(split, entry.num_samples, locations)
 
 
 def _coverage(split: str, n: int, locations: dict[int, list[str]]) -> list[str]:
@@ -78,28 +92,28 @@ def _coverage(split: str, n: int, locations: dict[int, list[str]]) -> list[str]:
     return problems
 
 
-def check_shard(folder: Path, split: str, record: dict, *, num_classes: int,
+def check_shard(folder: Path, split: str, record: ShardRecord, *, num_classes: int,
                 decode: bool) -> tuple[list[str], list[int]]:
     """(problems, idx of every readable sample) for one shard and its index file."""
-    where = f"{split}/{record['name']}"
-    path = folder / record["name"]
+    where = f"{split}/{record.name}"
+    path = folder / record.name
     if not path.is_file():
         return [f"{where}: missing"], []
     problems = []
-    if path.stat().st_size != record["bytes"]:
-        problems.append(f"{where}: {path.stat().st_size} bytes, manifest says {record['bytes']}")
-    elif sha256_file(path) != record["sha256"]:
+    if path.stat().st_size != record.bytes:
+        problems.append(f"{where}: {path.stat().st_size} bytes, manifest says {record.bytes}")
+    elif sha256_file(path) != record.sha256:
         problems.append(f"{where}: sha256 differs from the manifest (corrupted or replaced)")
     try:
         samples, entries = _read_tar(path)
     except (tarfile.TarError, OSError, ValueError) as err:
         return problems + [f"{where}: unreadable tar ({err})"], []
-    if len(samples) != record["num_samples"]:
-        problems.append(f"{where}: {len(samples)} samples, manifest says {record['num_samples']}")
-    problems += _check_index(folder / record["index"], where, entries)
+    if len(samples) != record.num_samples:
+        problems.append(f"{where}: {len(samples)} samples, manifest says {record.num_samples}")
+    problems += _check_index(folder / record.index, where, entries)
     idxs = []
     for key, members in samples.items():
-        idx, sample_problems = _check_sample(key, members, record["idx_range"], num_classes, decode)
+        idx, sample_problems = _check_sample(key, members, record.idx_range, num_classes, decode)
         problems += [f"{where}: sample {key}: {p}" for p in sample_problems]
         if idx is not None:
             idxs.append(idx)
@@ -137,7 +151,7 @@ def _check_index(path: Path, where: str, entries: list[list[tuple]]) -> list[str
     return [f"{where}: index file {path.name} does not match the tar (line {line + 1})"]
 
 
-def _check_sample(key: str, members: dict[str, bytes], idx_range: list[int], num_classes: int,
+def _check_sample(key: str, members: dict[str, bytes], idx_range: tuple[int, int], num_classes: int,
                   decode: bool) -> tuple[int | None, list[str]]:
     problems = []
     images = [e for e in IMAGE_EXTS if e in members]
@@ -152,7 +166,7 @@ def _check_sample(key: str, members: dict[str, bytes], idx_range: list[int], num
     elif key != members["idx"].decode():
         problems.append(f"key differs from idx {members['idx'].decode()}")
     elif not idx_range[0] <= idx < idx_range[1]:
-        problems.append(f"idx {idx} outside the shard's range {idx_range}")
+        problems.append(f"idx {idx} outside the shard's range [{idx_range[0]}, {idx_range[1]}]")
     if decode and images:
         try:
             with Image.open(io.BytesIO(members[images[0]])) as img:
@@ -173,14 +187,15 @@ def summary(folder: str | Path) -> str:
     folder = Path(folder)
     info = read_info(folder)
     lines = [f"{folder} (format {info['format_version']})"]
-    for split, e in sorted(info.get("splits", {}).items()):
-        total = sum(s["bytes"] for s in e["shards"])
-        names = e["class_names"]
+    for split, raw in sorted(info.get("splits", {}).items()):
+        e = parse_split(folder, split, raw)
+        total = sum(s.bytes for s in e.shards)
+        names = e.class_names
         shown = ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
-        lines += [f"{split}: {e['num_samples']} samples, {len(names)} classes [{shown}], "
-                  f"{len(e['shards'])} shards, {total / 1e6:.1f} MB",
-                  f"  source {e['source']}",
-                  f"  params {e['params']}, {e['tool_version']}",
-                  f"  copied {e['copied']}, converted {e['converted'] or 0}, skipped {len(e['skipped'])}"
-                  + (f", empty classes {e['empty_classes']}" if e["empty_classes"] else "")]
+        lines += [f"{split}: {e.num_samples} samples, {len(names)} classes [{shown}], "
+                  f"{len(e.shards)} shards, {total / 1e6:.1f} MB",
+                  f"  source {e.source}",
+                  f"  params {e.params}, {e.tool_version}",
+                  f"  copied {e.copied}, converted {e.converted or 0}, skipped {len(e.skipped)}"
+                  + (f", empty classes {e.empty_classes}" if e.empty_classes else "")]
     return "\n".join(lines)

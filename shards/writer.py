@@ -25,9 +25,9 @@ from pathlib import Path
 
 from core import faults
 from shards.convert import InputError, encode_array, prepare
-from shards.format import encode_cls, encode_idx, index_name, sample_key, shard_name
+from shards.format import ShardRecord, encode_cls, encode_idx, index_name, sample_key, shard_name
 from shards.manifest import BuildError
-from shards.sources import read_input
+from shards.sources import SourceSpec, read_input
 
 INDEX_VERSION = "v1.2"
 BLOCK = tarfile.BLOCKSIZE
@@ -40,7 +40,7 @@ class ShardTask:
     out: str
     split: str
     number: int
-    spec: dict
+    spec: SourceSpec
     idx_start: int
     inputs: list[str]
     labels: list[int]
@@ -131,7 +131,7 @@ def _sample(task: ShardTask, i: int, pos: int) -> tuple[bytes, list[tuple[str, i
     return b"".join(parts), members
 
 
-def write_shard(task: ShardTask) -> dict:
+def write_shard(task: ShardTask) -> ShardRecord:
     """Write shard ``task.number`` of ``task.split`` (tar + index) atomically; return its record."""
     out = Path(task.out)
     name = shard_name(task.split, task.number)
@@ -156,9 +156,8 @@ def write_shard(task: ShardTask) -> dict:
     tmp_path(idx_path).write_bytes(index)
     os.replace(tmp_path(idx_path), idx_path)
     os.replace(tmp_path(tar_path), tar_path)  # the tar appears last: it marks the shard complete
-    return {"name": name, "num_samples": len(task.inputs), "sha256": sha.hexdigest(),
-            "bytes": pos, "index": idx_path.name, "index_sha256": hashlib.sha256(index).hexdigest(),
-            "idx_range": [task.idx_start, task.idx_start + len(task.inputs)]}
+    return ShardRecord(name, len(task.inputs), sha.hexdigest(), pos, idx_path.name,
+                       hashlib.sha256(index).hexdigest(), (task.idx_start, task.idx_start + len(task.inputs)))
 
 
 def fsync_files(paths: list[Path]) -> None:
@@ -171,12 +170,11 @@ def fsync_files(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def shard_is_complete(out: Path, record: dict) -> bool:
+def shard_is_complete(out: Path, record: ShardRecord) -> bool:
     """True when the tar and index of a finished shard exist and match its record's checksums."""
-    tar_path, idx_path = out / record["name"], out / record["index"]
+    tar_path, idx_path = out / record.name, out / record.index
     if not (tar_path.is_file() and idx_path.is_file()):
         return False
-    if tar_path.stat().st_size != record["bytes"]:
+    if tar_path.stat().st_size != record.bytes:
         return False
-    return (sha256_file(idx_path) == record["index_sha256"]
-            and sha256_file(tar_path) == record["sha256"])
+    return sha256_file(idx_path) == record.index_sha256 and sha256_file(tar_path) == record.sha256

@@ -41,7 +41,7 @@ def run(cfg: Config) -> int:
     rundir.seed_everything(cfg.run.seed, per_rank=True)
     point = _resume(engine, cfg)
     stop = rundir.StopFlag()
-    num_samples = split_info(cfg.data.shards, cfg.data.train_split)["num_samples"]
+    num_samples = split_info(cfg.data.shards, cfg.data.train_split).num_samples
     for epoch in range(point.epoch, cfg.optim.epochs):
         # Clustering at the start of every epoch from the warm-up on (method.md §2.1); a mid-epoch
         # resume keeps the prototypes saved with the checkpoint.

@@ -36,7 +36,7 @@ def trunk_features(model, cfg: Config, split: str, *, epoch: int) -> tuple[torch
 def evaluate(model, cfg: Config, *, epoch: int, with_nmi: bool = False) -> dict[str, float]:
     """kNN top-1/top-5 of the val split against the train split (and NMI of k-means on val)."""
     split = cfg.data.val_split
-    num_classes = len(split_info(cfg.data.shards, split)["class_names"])
+    num_classes = split_info(cfg.data.shards, split).num_classes
     bank, bank_labels = trunk_features(model, cfg, cfg.data.train_split, epoch=epoch)
     val, val_labels = trunk_features(model, cfg, split, epoch=epoch)
     val, val_labels = dist.all_gather_cat(val), dist.all_gather_cat(val_labels)

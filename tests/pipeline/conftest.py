@@ -27,8 +27,8 @@ def build(source: str, out: Path, split: str, per_shard: int, limit: int | None 
 def shard_labels(folder: Path, split: str = "train") -> torch.Tensor:
     """cls of every sample by idx, read straight from the tars (the oracle for label checks)."""
     entry = split_info(folder, split)
-    urls = [{"url": str(folder / s["name"])} for s in entry["shards"]]
-    labels = torch.full((entry["num_samples"],), -1, dtype=torch.int64)
+    urls = [{"url": str(folder / s.name)} for s in entry.shards]
+    labels = torch.full((entry.num_samples,), -1, dtype=torch.int64)
     for sample in tarfile_samples(urls):
         labels[int(sample["idx"])] = int(sample["cls"])
     assert (labels >= 0).all()

@@ -25,12 +25,12 @@ from tests.shards.conftest import EMPTY_CLASS, SYNSETS
 def read_split(out: Path, split: str = "train") -> dict[int, dict]:
     """idx -> {key, jpg, cls, shard} for every sample, read with tarfile (independent of our reader)."""
     samples: dict[int, dict] = {}
-    for shard in split_info(out, split)["shards"]:
-        with tarfile.open(out / shard["name"]) as tar:
+    for shard in split_info(out, split).shards:
+        with tarfile.open(out / shard.name) as tar:
             members: dict[str, dict] = {}
             for m in tar:
                 key, _, ext = m.name.partition(".")
-                members.setdefault(key, {"key": key, "shard": shard["name"]})[ext] = tar.extractfile(m).read()
+                members.setdefault(key, {"key": key, "shard": shard.name})[ext] = tar.extractfile(m).read()
         for s in members.values():
             idx = int(s["idx"])
             assert idx not in samples, f"idx {idx} twice"
@@ -41,13 +41,13 @@ def read_split(out: Path, split: str = "train") -> dict[int, dict]:
 def test_fashion_mnist_end_to_end(fmnist_shards, fashion_mnist_dir):
     out, entry = fmnist_shards
     assert verify(out, decode=True) == []
-    assert [s["num_samples"] for s in entry["shards"]] == [500, 500, 200]
-    assert [s["name"] for s in entry["shards"]] == [f"train-00000{i}.tar" for i in range(3)]
-    assert entry["class_names"] == FASHION_MNIST_CLASSES and entry["idx_range"] == [0, 1200]
-    assert entry["converted"] == {"encoded": 1200} and entry["skipped"] == []
-    for shard in entry["shards"]:
-        assert sha256_file(out / shard["name"]) == shard["sha256"]
-        assert (out / shard["name"]).stat().st_size == shard["bytes"]
+    assert [s.num_samples for s in entry.shards] == [500, 500, 200]
+    assert [s.name for s in entry.shards] == [f"train-00000{i}.tar" for i in range(3)]
+    assert entry.class_names == FASHION_MNIST_CLASSES and entry.idx_range == (0, 1200)
+    assert entry.converted == {"encoded": 1200} and entry.skipped == []
+    for shard in entry.shards:
+        assert sha256_file(out / shard.name) == shard.sha256
+        assert (out / shard.name).stat().st_size == shard.bytes
     # every sample is exactly the JPEG of one distinct original image, with that image's label
     images, labels = load_fashion_mnist(str(fashion_mnist_dir), "test")
     row_of = {hashlib.sha256(encode_array(img, 95)).digest(): r for r, img in enumerate(images)}
@@ -67,26 +67,26 @@ def test_same_seed_same_shards_other_seed_other_order(fmnist_shards, fashion_mni
     out, entry = fmnist_shards
     again = build_shards(f"fashion-mnist:{fashion_mnist_dir}:test", tmp_path / "a", samples_per_shard=500,
                          seed=0, limit=1200, workers=2, show_progress=False)
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in entry["shards"]]
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in entry.shards]
     other = build_shards(f"fashion-mnist:{fashion_mnist_dir}:test", tmp_path / "b", samples_per_shard=500,
                          seed=1, limit=1200, show_progress=False)
-    assert other["shards"][0]["sha256"] != entry["shards"][0]["sha256"]
+    assert other.shards[0].sha256 != entry.shards[0].sha256
 
 
 def test_image_folder_with_awkward_inputs(folder_shards, image_folder, foolbox_jpegs):
     out, entry = folder_shards
     assert verify(out, decode=True) == []
-    assert entry["num_samples"] == 24 and [s["num_samples"] for s in entry["shards"]] == [5, 5, 5, 5, 4]
-    assert entry["copied"] == 20
-    assert entry["converted"] == {"cmyk": 1, "grayscale": 1, "png": 1, "16-bit": 1}
-    skipped = {s["input"]: s["reason"] for s in entry["skipped"]}
+    assert entry.num_samples == 24 and [s.num_samples for s in entry.shards] == [5, 5, 5, 5, 4]
+    assert entry.copied == 20
+    assert entry.converted == {"cmyk": 1, "grayscale": 1, "png": 1, "16-bit": 1}
+    skipped = {s["input"]: s["reason"] for s in entry.skipped}
     assert skipped == {f"{SYNSETS[1]}/truncated.JPEG": "truncated JPEG (no end-of-image marker)",
                        f"{SYNSETS[1]}/empty.JPEG": "empty file",
                        f"{SYNSETS[1]}/notes.txt": "not an image file name"}
-    assert entry["empty_classes"] == [EMPTY_CLASS]
-    assert entry["class_names"] == sorted(SYNSETS + [EMPTY_CLASS])
+    assert entry.empty_classes == [EMPTY_CLASS]
+    assert entry.class_names == sorted(SYNSETS + [EMPTY_CLASS])
     # real JPEGs are copied byte for byte and keep their folder's class id
-    source = {p.read_bytes(): entry["class_names"].index(p.parent.name)
+    source = {p.read_bytes(): entry.class_names.index(p.parent.name)
               for p in image_folder.glob("*/n0*.JPEG")}
     samples = read_split(out)
     copied = [s for s in samples.values() if s["jpg"] in source]
@@ -111,31 +111,31 @@ def test_imagenet_val_layout_merges_with_train(folder_shards, foolbox_jpegs, tmp
                      "--workers", "1", "--quiet"]) == 0
     info = read_info(merged)
     assert sorted(info["splits"]) == ["train", "val"]
-    assert info["splits"]["train"] == train  # untouched
-    val = info["splits"]["val"]
-    assert val["class_names"] == train["class_names"]  # ids agree with the train folders
-    assert [s["name"] for s in val["shards"]] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert info["splits"]["train"] == train.to_json()  # untouched
+    val = split_info(merged, "val")
+    assert val.class_names == train.class_names  # ids agree with the train folders
+    assert [s.name for s in val.shards] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
     samples = read_split(merged, "val")
     by_bytes = {src.read_bytes(): SYNSETS[i % 4] for i, src in enumerate(foolbox_jpegs[:8])}
-    assert {val["class_names"][int(s["cls"])] for s in samples.values()} <= set(SYNSETS)
-    assert all(val["class_names"][int(s["cls"])] == by_bytes[s["jpg"]] for s in samples.values())
+    assert {val.class_names[int(s["cls"])] for s in samples.values()} <= set(SYNSETS)
+    assert all(val.class_names[int(s["cls"])] == by_bytes[s["jpg"]] for s in samples.values())
     assert verify(merged) == []
 
 
 def test_max_side_reencodes(image_folder, tmp_path):
     entry = build_shards(f"imagefolder:{image_folder}", tmp_path, max_side=128, quality=80,
                          samples_per_shard=100, show_progress=False)
-    assert entry["copied"] == 0 and entry["converted"]["resized"] == 20
+    assert entry.copied == 0 and entry.converted["resized"] == 20
     assert verify(tmp_path, decode=True) == []
 
 
 def test_index_files_equal_dalis_wds2idx(folder_shards, tmp_path):
     out, entry = folder_shards
     wds2idx = Path(sys.executable).parent / "wds2idx"
-    for shard in entry["shards"][:2]:
-        subprocess.run([str(wds2idx), str(out / shard["name"]), str(tmp_path / "x.idx")], check=True,
+    for shard in entry.shards[:2]:
+        subprocess.run([str(wds2idx), str(out / shard.name), str(tmp_path / "x.idx")], check=True,
                        capture_output=True)
-        assert (tmp_path / "x.idx").read_bytes() == (out / shard["index"]).read_bytes()
+        assert (tmp_path / "x.idx").read_bytes() == (out / shard.index).read_bytes()
 
 
 def test_info_summarises(folder_shards, capsys):
@@ -154,11 +154,11 @@ def test_python_api_is_importable_without_side_effects():
 @pytest.mark.slow
 def test_full_fashion_mnist_train_build(fashion_mnist_dir, tmp_path):
     entry = build_shards(f"fashion-mnist:{fashion_mnist_dir}", tmp_path, workers=2, show_progress=False)
-    assert entry["num_samples"] == 60000 and len(entry["shards"]) == 60
-    assert all(s["num_samples"] == 1000 for s in entry["shards"])
-    assert [s["idx_range"] for s in entry["shards"]] == [[k * 1000, k * 1000 + 1000] for k in range(60)]
-    assert entry["converted"] == {"encoded": 60000}
-    assert read_info(tmp_path)["splits"]["train"] == entry
+    assert entry.num_samples == 60000 and len(entry.shards) == 60
+    assert all(s.num_samples == 1000 for s in entry.shards)
+    assert [s.idx_range for s in entry.shards] == [(k * 1000, k * 1000 + 1000) for k in range(60)]
+    assert entry.converted == {"encoded": 60000}
+    assert read_info(tmp_path)["splits"]["train"] == entry.to_json()
 
 
 
@@ -167,7 +167,7 @@ def test_worker_count_does_not_change_the_shards(folder_shards, image_folder, tm
     out, entry = folder_shards
     again = build_shards(f"imagefolder:{image_folder}", tmp_path, samples_per_shard=5, seed=3, workers=1,
                          show_progress=False)
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in entry["shards"]]
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in entry.shards]
 
 
 def test_undecodable_file_names_are_handled(tmp_path, foolbox_jpegs):
@@ -175,4 +175,4 @@ def test_undecodable_file_names_are_handled(tmp_path, foolbox_jpegs):
     (src / "a").mkdir(parents=True)
     (src / "a" / os.fsdecode(b"caf\xe9.JPEG")).write_bytes(foolbox_jpegs[0].read_bytes())  # Latin-1 name
     entry = build_shards(f"imagefolder:{src}", tmp_path / "out", show_progress=False)
-    assert entry["copied"] == 1 and verify(tmp_path / "out") == []
+    assert entry.copied == 1 and verify(tmp_path / "out") == []

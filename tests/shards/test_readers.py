@@ -16,8 +16,8 @@ def dali_read(out, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[t
     from nvidia.dali import fn, pipeline_def
 
     entry = split_info(out, split)
-    paths = [str(out / s["name"]) for s in entry["shards"]]
-    index_paths = [str(out / s["index"]) for s in entry["shards"]]
+    paths = [str(out / s.name) for s in entry.shards]
+    index_paths = [str(out / s.index) for s in entry.shards]
 
     @pipeline_def(batch_size=7, num_threads=1, device_id=None)  # CPU-only: device_id=None
     def pipe():
@@ -41,7 +41,7 @@ def dali_read(out, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[t
 def test_dali_reads_every_idx_once_with_our_index_files(folder_shards):
     out, entry = folder_shards
     idx, cls, shapes = dali_read(out)
-    assert sorted(idx.tolist()) == list(range(entry["num_samples"]))
+    assert sorted(idx.tolist()) == list(range(entry.num_samples))
     truth = {i: int(s["cls"]) for i, s in read_split(out).items()}
     assert [truth[i] for i in idx.tolist()] == cls.tolist()
     assert all(len(s) == 3 and s[2] == 3 for s in shapes)  # every image (copied or converted) is RGB
@@ -56,12 +56,12 @@ def test_dali_reads_fashion_mnist_shards(fmnist_shards):
 
 def test_webdataset_reads_every_idx_once(folder_shards):
     out, entry = folder_shards
-    urls = [str(out / s["name"]) for s in entry["shards"]]
+    urls = [str(out / s.name) for s in entry.shards]
     ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg;png", "cls", "idx")
     seen = []
     for key, image, cls, idx in ds:
         assert image.ndim == 3 and image.shape[2] == 3
-        assert isinstance(cls, int) and 0 <= cls < entry["num_classes"]
+        assert isinstance(cls, int) and 0 <= cls < entry.num_classes
         assert key == f"{int(idx):012d}"
         seen.append(int(idx))
-    assert sorted(seen) == list(range(entry["num_samples"]))
+    assert sorted(seen) == list(range(entry.num_samples))

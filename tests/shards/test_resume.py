@@ -68,8 +68,8 @@ def test_kill_and_resume_gives_identical_shards(workers, fashion_mnist_dir, tmp_
     assert done.returncode == 0, done.stderr
     assert "keeping 1 complete shards, writing 5" in done.stderr
     assert (out / "train-000000.tar").stat().st_ino == kept  # kept, not rewritten
-    for shard in reference["shards"]:
-        for name in (shard["name"], shard["index"]):
+    for shard in reference.shards:
+        for name in (shard.name, shard.index):
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert not list(out.glob("*.tmp")) and not (out / ".build-train").exists()
     assert verify(out) == []

@@ -20,10 +20,10 @@ def test_fashion_mnist_reader_matches_the_published_dataset(fashion_mnist_dir):
 
 
 def test_fashion_mnist_part_follows_the_split(fashion_mnist_dir):
-    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}", "train")["part"] == "train"
-    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}", "val")["part"] == "test"
-    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}:train", "val")["part"] == "train"
-    assert parse_source("fashion-mnist:", "train")["path"] == str(fashion_mnist_dir)
+    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}", "train").part == "train"
+    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}", "val").part == "test"
+    assert parse_source(f"fashion-mnist:{fashion_mnist_dir}:train", "val").part == "train"
+    assert parse_source("fashion-mnist:", "train").path == str(fashion_mnist_dir)
 
 
 def test_imagefolder_lists_every_file_and_reports_the_rest(image_folder):

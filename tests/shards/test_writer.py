@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 from shards.manifest import BuildError
+from shards.sources import SourceSpec
 from shards.writer import ShardTask, sample_image, tar_end, tar_member
 
 
@@ -29,7 +30,7 @@ def test_members_and_end_match_tarfile_byte_for_byte():
 def test_an_input_changed_after_the_scan_stops_the_build(tmp_path, foolbox_jpegs):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.JPEG").write_bytes(foolbox_jpegs[0].read_bytes()[:5000])  # truncated since
-    task = ShardTask(str(tmp_path), "train", 0, {"kind": "imagefolder", "path": str(tmp_path)}, 0,
+    task = ShardTask(str(tmp_path), "train", 0, SourceSpec("imagefolder", str(tmp_path)), 0,
                      ["a/x.JPEG", "a/gone.JPEG"], [0, 0], ["copy", "copy"], None, 95)
     with pytest.raises(BuildError, match="a/x.JPEG: changed during the build"):
         sample_image(task, 0)
