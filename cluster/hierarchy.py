@@ -28,8 +28,9 @@ from core.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-# Rows per chunk of the finiteness check. isfinite makes float temporaries of its input's size: a
-# 65536-row chunk of 128-d features peaked at 57 MB per rank, whatever the dataset size.
+# Rows per chunk of the finiteness check: isfinite makes float temporaries of its input's size, so
+# the chunk bounds the check's memory whatever the dataset size (BENCHMARKS.md, "Measurements
+# behind code choices").
 _CHECK_CHUNK = 4096
 
 

@@ -150,8 +150,8 @@ class BoundedAssignment:
 
     TRACKED = 3  # next-nearest centroids with their own bound
     # Below this many clusters a full search is cheap and the bounds' own work (the movers, the k = 5
-    # searches, per-call overhead) costs more than it saves: measured at 12k rows into 100 clusters,
-    # 1.5 s with bounds against 0.45 s without.
+    # searches, per-call overhead) costs more than it saves (BENCHMARKS.md, "Measurements behind
+    # code choices").
     MIN_CLUSTERS = 256
     MOVERS = 64  # centroids with the largest move, measured directly rather than bounded
     _DIST_CHUNK = 4096  # rows per float64 own-distance chunk (4 MB of temporaries)
@@ -239,8 +239,7 @@ class BoundedAssignment:
         for start in range(0, len(self.x), self._DIST_CHUNK):
             stop = min(start + self._DIST_CHUNK, len(self.x))
             # faiss's own BLAS, not numpy's: numpy's OpenBLAS threads stay awake after a product and
-            # compete with faiss's; with numpy's product the bounded k-means of 12k rows into 100
-            # clusters took 4.8 s instead of 1.5 s on 2 cores (measured)
+            # compete with faiss's, which made the whole k-means about 3x slower (BENCHMARKS.md)
             block = np.ascontiguousarray(self.x[start:stop])
             sq = faiss.pairwise_distances(block, c_movers).astype(np.float64)
             # the bound is over centroids other than the row's own and its tracked ones
@@ -408,7 +407,7 @@ class LocalSums:
     """CPU: this rank's per-centroid row sums and counts (float64) over the iterations of a restart.
 
     numpy only: torch CPU ops between faiss searches wake torch's OpenMP pool, which then fights
-    faiss's own pool (measured on 2 cores: every faiss search ran 2-3x slower). The first iteration
+    faiss's own pool and slows every faiss search several times (BENCHMARKS.md). The first iteration
     sums every row with one weighted `np.bincount` per dimension (single-threaded, no float64 copy
     of the rows); later ones move only the rows that changed cluster from one sum to the other
     (that full pass was a quarter of a pruned iteration at 200k rows; late iterations move a few

@@ -24,9 +24,9 @@ from pipeline.plan import EpochPlan
 READER = "reader"
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill; our shards are globally pre-shuffled already
 # RandomResizedCrop resamples with an antialiased bilinear filter, as PIL's (the reference) does.
-# Off, DALI samples bilinearly without widening the filter when it downscales: 0.25-0.4 ms less
-# per 224 px view on a CPU core (bench/pipeline.py --profile: 7.1 -> 6.6 CPU ms per image), at
-# the price of aliasing in crops shrunk by more than ~1.5x. Kept on: fidelity to the reference.
+# Off, DALI samples bilinearly without widening the filter when it downscales: a little faster on
+# the CPU (BENCHMARKS.md), at the price of aliasing in crops shrunk by more than ~1.5x. Kept on:
+# fidelity to the reference.
 TRAIN_ANTIALIAS = True
 _MEAN = [255 * m for m in aug.MEAN]
 _STD = [255 * s for s in aug.STD]

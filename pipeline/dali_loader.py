@@ -104,8 +104,8 @@ class DaliLoader(Loader):
         if not self._gpu:
             # Zero-copy: DALI's dynamic executor (`exec_dynamic=True`) allocates every iteration's
             # outputs afresh and keeps them alive while the DLPack capsule holds them, so a batch
-            # stays valid after later runs (tests/pipeline/test_train.py checks it). A copy of two
-            # 224 px views costs ~0.9 ms per image on the 2 cores the pipeline itself needs.
+            # stays valid after later runs (tests/pipeline/test_train.py checks it). A copy would cost
+            # CPU time the pipeline itself needs (BENCHMARKS.md).
             return torch.from_dlpack(t)
         if cpu:
             return torch.from_numpy(np.array(t.as_cpu() if hasattr(t, "as_cpu") else t))
