@@ -51,6 +51,7 @@ from core import dist
 
 log = logging.getLogger(__name__)
 
+_WARNED_FEW_POINTS: set[tuple[int, int]] = set()
 _SUM_CHUNK = 65536  # rows per float64 chunk when summing (bounds the temporary copy)
 # Rows per CPU faiss search call. faiss's flat search multiplies blocks of up to 4096 queries by
 # 1024 centroids (a 16 MB float block per call, whatever the dataset size); 1024-row calls bound it
@@ -355,10 +356,12 @@ def _training_rows(x: torch.Tensor, ids: torch.Tensor, n: int, k: int, max_ppc: 
         mask = new_ids >= 0
         log.info("k-means: subsampling %d of %d rows (max_points_per_centroid=%d)", keep, n, max_ppc)
         return x[mask], new_ids[mask], keep
-    if n < k * min_ppc:
-        # faiss prints this warning and carries on (the official levels 2-3 always hit it)
-        log.warning("k-means: clustering %d points to %d centroids: faiss asks for at least %d", n, k,
-                    k * min_ppc)
+    if n < k * min_ppc and (n, k) not in _WARNED_FEW_POINTS:
+        # faiss warns and carries on (the official levels 2-3 always hit it); once per size, not
+        # every epoch
+        _WARNED_FEW_POINTS.add((n, k))
+        log.warning("k-means: clustering %d points to %d centroids: faiss asks for at least %d "
+                    "(said once per size)", n, k, k * min_ppc)
     return x, ids, n
 
 

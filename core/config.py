@@ -20,6 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from core.errors import first_line
 
 BACKENDS = ("dali", "torch")
+# The encoder registry's names (model/encoders.py registers exactly these; a test checks it), kept
+# here so that a wrong `model.encoder` fails when the config loads, before anything is built.
+ENCODERS = ("resnet50", "resnet18", "resnet18_small", "resnet18_small_w32", "resnet18_small_w16")
 INTERPOLATIONS = ("bilinear", "bicubic")  # eval-mode resize filters
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
@@ -77,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "resnet50"  # name in model.encoders' registry
+    encoder: str = "resnet50"  # one of ENCODERS (model/encoders.py's registry)
     dim: int = 128  # embedding dimension of the projection head output
     queue_size: int = 16384  # K, negatives in the MoCo queue
     momentum: float = 0.999  # m of the momentum encoder EMA (fixed, no schedule)
@@ -86,6 +89,8 @@ class ModelConfig:
     shuffle_bn: bool = True  # shuffle the key batch across ranks before the key forward
 
     def __post_init__(self) -> None:
+        _require(self.encoder in ENCODERS, "model.encoder", f"unknown encoder {self.encoder!r}; "
+                 f"choose one of {', '.join(ENCODERS)}")
         _require(self.dim >= 1, "model.dim", f"must be >= 1, got {self.dim}")
         _require(self.queue_size >= 1, "model.queue_size", f"must be >= 1, got {self.queue_size}")
         _require(0 <= self.momentum < 1, "model.momentum", f"must be in [0, 1), got {self.momentum}")
@@ -168,7 +173,8 @@ class RunConfig:
     seed: int = 0  # seeds python, numpy, torch and the data pipeline
     checkpoint_every: int = 5  # epochs between checkpoints (also saved at the end and on signal)
     keep_last: int = 3  # checkpoints kept on disk
-    resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | path to a checkpoint
+    resume: str = "auto"  # auto (newest intact checkpoint, if any) | none | path to a checkpoint folder
+    overwrite: bool = False  # start afresh in a used output_dir (its old files move to previous-<time>/)
     log_every: int = 10  # steps between metric lines
     max_steps_per_epoch: int = 0  # cap on train steps per epoch (debug); 0 = the full epoch
 
@@ -252,7 +258,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: expected key=value, e.g. optim.lr=0.06")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        # `key=` means the empty string (OmegaConf would read None), so `data.val_split=` works
+        # without shell quoting
+        overrides = [o + "''" if o.endswith("=") else o for o in overrides]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         cfg = cast(Config, OmegaConf.to_object(merged))  # runs every __post_init__
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None

@@ -45,8 +45,11 @@ def setup_logging(run_dir: str | Path | None, *, rank: int | None = None,
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     # Libraries that log chatty INFO lines on every rank.
-    for name in ("DeepSpeed", "deepspeed", "compilers", "distutils"):
+    for name in ("DeepSpeed", "deepspeed", "compilers", "distutils", "faiss.loader"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # torch warns "No CUDA runtime is found" on every CPU start where a CUDA toolkit is installed;
+    # DeepSpeed's import triggers it, and it says nothing about this run.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(max(level, logging.ERROR))
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:

@@ -8,8 +8,11 @@
       checkpoints/
         latest                    the tag of the newest complete checkpoint (replaced last)
         <tag>/                    epoch{EEEE}-batch{BBBBBB}: DeepSpeed state (mp_rank_00_model_states.pt,
-                                  optimizer partitions), rng_rank{r}.pt, hcsc_official.pth.tar
+                                  optimizer partitions), rng_rank{r}.pt, hcsc_official.pth.tar,
+                                  files.json (every file's size: the integrity check)
         .tmp-<tag>/               a save in progress (renamed to <tag> when every rank finished)
+        .damaged-<tag>-<time>/    a damaged checkpoint, moved aside (never deleted) by a later save
+      .lock                       held by the live job (host, pid); released when it exits
 
 The trainer writes this layout (`train.checkpoint`, `train.rundir`, `core.logs`); `hcsc-eval`
 reads it (`evaluate.checkpoints`). Paths are always relative to the folder, so a run folder can
@@ -29,6 +32,9 @@ TENSORBOARD_DIR = "tb"
 CHECKPOINTS_DIR = "checkpoints"
 POINTER = "latest"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint moved aside when a new save reaches its tag
+FILES_LISTING = "files.json"  # in each checkpoint folder: every file's size, written last
+LOCK_FILE = ".lock"  # held by the job that trains in this folder (host and pid inside)
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the module state, rank 0
 OFFICIAL_FILE = "hcsc_official.pth.tar"  # the official key layout (docs/method.md §8)
 
@@ -74,6 +80,10 @@ class RunFolder:
         return self.root / TENSORBOARD_DIR
 
     @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS_DIR
 
@@ -96,11 +106,10 @@ class RunFolder:
         return self.checkpoint(tag) if tag else None
 
     def complete_tags(self) -> list[str]:
-        """Every checkpoint folder that is not a save in progress, oldest first."""
+        """Every checkpoint folder that is not a save in progress or moved aside, oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+        return sorted(p.name for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def rng_file(tag_dir: Path, rank: int) -> Path:

@@ -14,6 +14,8 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet, conv1x1
 
+from core.config import ENCODERS
+
 EncoderFactory = Callable[..., tuple[ResNet, int]]
 _REGISTRY: dict[str, EncoderFactory] = {}
 
@@ -22,6 +24,8 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     """Decorator: register `factory(**kw) -> (trunk, feat_dim)` under `name`."""
 
     def wrap(factory: EncoderFactory) -> EncoderFactory:
+        if name not in ENCODERS:  # the config schema validates `model.encoder` against that list
+            raise ValueError(f"encoder {name!r}: add it to core.config.ENCODERS too")
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} is already registered; pick another name")
         _REGISTRY[name] = factory

@@ -1,4 +1,4 @@
-"""What one rank reads in one epoch, computed from ``_info.json`` alone (style 13).
+"""What one rank reads in one epoch, computed from ``_info.json`` alone.
 
 Both backends read the same thing: the split's tars concatenated in an epoch-dependent order
 (train: a permutation seeded by (seed, epoch), so each rank sees other samples every epoch; eval:

@@ -74,7 +74,7 @@ def test_no_module_shadows_the_standard_library():
 
 def test_no_reference_to_documents_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
-    outside = re.compile(r"shared/docs|hcsc_spec|design\.md|style\.md|\bspec \d")
+    outside = re.compile(r"shared/docs|hcsc_spec|design\.md|style\.md|\bspec \d|\((style|design) \d")
     offenders = [f"{name}:{n}" for name in tracked.stdout.split()
                  if name.endswith((".py", ".md", ".yaml", ".sh", ".toml")) and (ROOT / name).is_file()
                  and name != "tests/test_repository.py"  # the pattern above

@@ -10,10 +10,13 @@ pointer; a kill at any moment leaves the previous checkpoint and pointer intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import shutil
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,20 @@ import torch
 
 from cluster.prototypes import Prototypes
 from core import dist
+from core.cli import UserError
 from core.errors import first_line
-from core.files import write_text_atomic
-from core.runfolder import OFFICIAL_FILE, POINTER, TMP_PREFIX, RunFolder, make_tag, rng_file
+from core.files import write_json_atomic, write_text_atomic
+from core.runfolder import (
+    DAMAGED_PREFIX,
+    DS_MODEL_FILE,
+    FILES_LISTING,
+    OFFICIAL_FILE,
+    POINTER,
+    TMP_PREFIX,
+    RunFolder,
+    make_tag,
+    rng_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +47,10 @@ FORMAT_VERSION = 1
 # A new checkpoint is about as large as the previous one; ask for this much more, for the slack
 # of a grown client state and of the file system's blocks.
 FREE_SPACE_MARGIN = 1.1
+
+
+class CheckpointChoiceError(UserError):
+    """`run.resume` names a folder that is not an intact checkpoint."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -95,13 +113,61 @@ def save(engine, run_dir: str | Path, point: ResumePoint, *, config_yaml: str, k
         raise CheckpointWriteError(_write_failure(root, tag, err)) from err
     dist.barrier()  # every rank's files are on disk before the rename publishes them
     if dist.is_main():
-        shutil.rmtree(root / tag, ignore_errors=True)
+        _write_listing(root / tmp_tag)
+        _clear_tag(root, tag)
         os.replace(root / tmp_tag, root / tag)
         _write_pointer(root, tag)
         _prune(root, keep_last)
         log.info("checkpoint saved: %s", root / tag)
     dist.barrier()
     return tag
+
+
+def _write_listing(tag_dir: Path) -> None:
+    """Every file of the checkpoint with its size, written last: what `damage` checks."""
+    sizes = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
+    write_json_atomic(tag_dir / FILES_LISTING, sizes)
+
+
+def _clear_tag(root: Path, tag: str) -> None:
+    """Make room for a new save under `tag`: an intact old one goes, a damaged one is moved aside."""
+    if not (root / tag).exists():
+        return
+    reason = damage(root / tag)
+    if reason is None:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        return
+    aside = root / f"{DAMAGED_PREFIX}{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(root / tag, aside)
+    log.warning("%s was damaged (%s): moved aside to %s, not deleted", root / tag, reason, aside.name)
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why the checkpoint folder `tag_dir` cannot be resumed from (one phrase), or None when intact.
+
+    Checks the sizes in its ``files.json`` (every file present, none truncated); a folder written
+    before that listing existed is checked by opening each torch file's zip directory, which a
+    truncated file has lost.
+    """
+    if not (tag_dir / DS_MODEL_FILE).is_file():
+        return f"{DS_MODEL_FILE} is missing"
+    listing = tag_dir / FILES_LISTING
+    if listing.is_file():
+        try:
+            sizes = json.loads(listing.read_text())
+        except (OSError, ValueError):
+            return f"{FILES_LISTING} is unreadable"
+        for name, size in sizes.items():
+            path = tag_dir / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
+    for path in sorted(tag_dir.glob("*.pt")):
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or not a torch file"
+    return None
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -161,15 +227,33 @@ def _prototypes_from_state(state: dict | None, device: torch.device) -> Prototyp
 
 
 def resolve(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint folder to resume from for `run.resume` (auto | none | path), or None."""
+    """The checkpoint folder to resume from for `run.resume` (auto | none | path), or None.
+
+    ``auto`` takes the newest intact checkpoint of `run_dir`, and names every newer one that is
+    damaged (nothing is deleted). A path must be an intact checkpoint folder.
+
+    Raises:
+        CheckpointChoiceError: a path that is not a checkpoint folder, or a damaged one.
+    """
     if resume == "none":
         return None
+    run = RunFolder.at(run_dir)
     if resume == "auto":
-        return RunFolder.at(run_dir).latest_checkpoint()
+        for tag in reversed(run.complete_tags()):
+            reason = damage(run.checkpoint(tag))
+            if reason is None:
+                return run.checkpoint(tag)
+            log.warning("checkpoint %s is damaged (%s); falling back to an older one",
+                        run.checkpoint(tag), reason)
+        return None
     path = Path(resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"run.resume: checkpoint folder {resume!r} does not exist "
-                                f"(expected {RunFolder.at(run_dir).checkpoints}/<tag>)")
+        raise CheckpointChoiceError(f"run.resume={resume}: no such checkpoint folder; pass a folder like "
+                                    f"{run.checkpoints}/<tag>, or run.resume=auto")
+    reason = damage(path)
+    if reason is not None:
+        raise CheckpointChoiceError(f"run.resume={resume}: damaged checkpoint ({reason}); pass another "
+                                    "checkpoint folder, or run.resume=auto for the newest intact one")
     return path
 
 

@@ -7,9 +7,14 @@ Works as a single process, under `torchrun --nproc_per_node=N` and under the `de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from core.config import ConfigError, load_config, to_yaml
+from core.cli import run_cli
+from core.config import Config, ConfigError, load_config, to_yaml
+from core.runfolder import RunFolder
+from train.checkpoint import CheckpointWriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dotlist overrides, e.g. optim.lr=0.06 run.output_dir=runs/x")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key with its value) and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a failure on the console too (or set HCSC_DEBUG=1); "
+                        "it always goes to the run's logs/rank<r>.log")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     return parser
@@ -34,24 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"hcsc-train: config error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    # heavy imports (DeepSpeed, DALI) only when training
-    from train.checkpoint import CheckpointWriteError
-    from train.loop import run
-    from train.rundir import RunDirError
+    cfg: Config | None = None
 
-    try:
+    def body() -> int:
+        nonlocal cfg
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from train.loop import run  # heavy imports (DeepSpeed, DALI) only when training
+
         return run(cfg)
-    except (RunDirError, CheckpointWriteError) as err:
-        print(f"hcsc-train: error: {err}", file=sys.stderr)
-        return 1
+
+    def log_file() -> Path | None:
+        """The run's own log, once the run folder has one."""
+        if cfg is None:
+            return None
+        path = RunFolder.at(cfg.run.output_dir).rank_log(int(os.environ.get("RANK", "0")))
+        return path if path.parent.is_dir() else None
+
+    return run_cli("hcsc-train", body, user_errors=(ConfigError, CheckpointWriteError), log_file=log_file,
+                   debug=args.debug, interrupted="a checkpoint is written only at a logging step after "
+                   "SIGTERM/SIGINT is received; resume with run.resume=auto")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ docs/architecture.md#decisions) and never all-reduced.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -70,6 +71,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.opt
                            weight_decay=cfg.optim.weight_decay)
 
 
+def _skip_shared_memory_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on its first start (about
+    a minute, BENCHMARKS.md) that only several ranks on one host ever use; one process never
+    communicates, so it gets none. (DeepSpeed has no setting for this; its backend looks the
+    builder up in this module when it is created. `import deepspeed.comm.torch as m` would bind
+    the torch library itself: `deepspeed.comm` re-exports a name `torch`.)"""
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_comm.build_shm_op = lambda: None
+
+
 class Engine:
     """A DeepSpeed engine around an `HCSC` module.
 
@@ -83,6 +94,8 @@ class Engine:
         import deepspeed  # heavy import, only when an engine is built
 
         self.cfg = cfg
+        if dist.world() == 1 and not torch.cuda.is_available():
+            _skip_shared_memory_comm_op()
         model.to(dist.device())
         optimizer = build_optimizer(model, cfg, lr)
         self.ds_config = deepspeed_config(cfg, dist.world())

@@ -4,8 +4,10 @@ checkpoint when due (and on SIGTERM/SIGINT) -> final evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -14,11 +16,11 @@ from cluster.hierarchy import hierarchical_kmeans
 from core import dist, faults
 from core.config import Config, to_yaml
 from core.logs import MetricsWriter, progress, setup_logging
+from core.runfolder import RunFolder
 from model.checkpoint_io import official_state_dict
 from model.hcsc import HCSC
 from pipeline import build_loader
-from shards.format import split_info
-from train import checkpoint, monitor, rundir
+from train import checkpoint, monitor, preflight, rundir
 from train.engine import Engine, prepare_environment
 from train.schedule import lr_at
 
@@ -26,10 +28,23 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> int:
-    """Train per `cfg`; returns the process exit code."""
+    """Train per `cfg`; returns the process exit code.
+
+    Raises:
+        PreflightError, RunDirError: a mistake found before any work (every rank raises it).
+    """
     prepare_environment()
     dist.init(timeout_s=cfg.engine.collective_timeout_s)
+    rundir.stop_with_launcher()
+    inputs = preflight.check(cfg)  # before anything is written
     run_dir = rundir.prepare(cfg)
+    try:
+        return _run(cfg, inputs, run_dir)
+    finally:
+        rundir.release()
+
+
+def _run(cfg: Config, inputs: preflight.RunInputs, run_dir: Path) -> int:
     setup_logging(run_dir)
     log.info("rank %d of %d on %s; a dead rank fails the others' collectives after %ss "
              "(engine.collective_timeout_s)", dist.rank(), dist.world(), dist.device(),
@@ -39,9 +54,13 @@ def run(cfg: Config) -> int:
     model = HCSC(cfg.model, cfg.hcsc, multi_crop=cfg.data.multi_crop)
     engine = Engine(model, cfg, lr=lr_at(cfg, 0, dist.world()))
     rundir.seed_everything(cfg.run.seed, per_rank=True)
-    point = _resume(engine, cfg)
+    point = _resume(engine, inputs.resume_from)
+    if point.epoch >= cfg.optim.epochs and _has_final_record(run_dir, point.global_step):
+        log.info("run.output_dir=%s finished all %d epochs already; nothing to do (to train longer, "
+                 "rerun with a larger optim.epochs)", run_dir, cfg.optim.epochs)
+        return 0
     stop = rundir.StopFlag()
-    num_samples = split_info(cfg.data.shards, cfg.data.train_split).num_samples
+    num_samples = inputs.train.num_samples
     for epoch in range(point.epoch, cfg.optim.epochs):
         # Clustering at the start of every epoch from the warm-up on (method.md §2.1); a mid-epoch
         # resume keeps the prototypes saved with the checkpoint.
@@ -70,8 +89,22 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def _resume(engine: Engine, cfg: Config) -> checkpoint.ResumePoint:
-    path = checkpoint.resolve(cfg.run.output_dir, cfg.run.resume)
+def _has_final_record(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds the final evaluation of the training that ended at `step`."""
+    path = RunFolder.at(run_dir).metrics
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if record.get("kind") == "final" and record.get("step", -1) >= step:
+            return True
+    return False
+
+
+def _resume(engine: Engine, path: Path | None) -> checkpoint.ResumePoint:
     if path is None:
         return checkpoint.ResumePoint()
     point, _ = checkpoint.load(engine, path, dist.device())

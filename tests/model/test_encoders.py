@@ -1,4 +1,4 @@
-"""Every registered encoder: shape, gradients, finiteness, torchvision key layout (style 8)."""
+"""Every registered encoder: shape, gradients, finiteness, torchvision key layout."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ def test_registry_lists_the_paper_and_small_encoders():
         create_encoder("resnet7")
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("resnet18")(lambda: None)
+    with pytest.raises(ValueError, match="core.config.ENCODERS"):
+        register_encoder("resnet7")(lambda: None)
+
+
+def test_the_config_schema_knows_exactly_the_registered_encoders():
+    from core.config import ENCODERS, ConfigError, load_config
+
+    assert sorted(ENCODERS) == list_encoders()
+    with pytest.raises(ConfigError, match="model.encoder: unknown encoder 'resnet7'"):
+        load_config(None, ["model.encoder=resnet7"])
 
 
 @pytest.mark.parametrize("name", list_encoders())
