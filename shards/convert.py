@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import TypeGuard
@@ -30,6 +31,7 @@ ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xC
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _MARKER = struct.Struct(">BBH")  # 0xFF, marker, segment length (meaningless for length-less markers)
 _SOF = struct.Struct(">BHHB")  # precision, height, width, components
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class InputError(ValueError):
@@ -137,7 +139,10 @@ def prepare(data: bytes, *, max_side: int | None, quality: int | None) -> tuple[
             return None, f"convert:{reason}"
         return encode_jpeg(_to_rgb(img, max_side), quality), f"convert:{reason}"
     except Exception as err:  # PIL's plugins raise many types on corrupt files; each means "unreadable"
-        raise InputError(f"does not decode ({type(err).__name__}: {err})") from None
+        # without object addresses ("<_io.BytesIO object at 0x7f...>"): the reason goes into the
+        # manifest, which two builds of the same source must write byte for byte
+        message = _ADDRESS.sub("", str(err))
+        raise InputError(f"does not decode ({type(err).__name__}: {message})") from None
 
 
 def _conversion_reason(img: Image.Image, header: JpegHeader | None, data: bytes,

@@ -60,6 +60,20 @@ class SourceSpec:
         """The manifest's ``source`` (and part of the build fingerprint): the fields that apply."""
         return {k: v for k, v in asdict(self).items() if v}
 
+    @classmethod
+    def from_json(cls, d: dict[str, str]) -> SourceSpec:
+        """The inverse of `to_json` (a manifest's ``source``)."""
+        return cls(str(d["kind"]), str(d["path"]), labels=str(d.get("labels", "")),
+                   part=str(d.get("part", "")))
+
+    def to_arg(self) -> str:
+        """The ``--source`` value that parses back to this spec (the Fashion-MNIST part explicit)."""
+        if self.kind == "imagenet-val":
+            return f"{self.kind}:{self.path},{self.labels}"
+        if self.kind == "fashion-mnist":
+            return f"{self.kind}:{self.path}:{self.part}"
+        return f"{self.kind}:{self.path}"
+
 
 @dataclass
 class Listing:
@@ -84,42 +98,73 @@ class Listing:
     digest: str = ""
 
 
+SPEC_FORMS = "imagefolder:PATH, imagenet-val:PATH,LABELS or fashion-mnist:DIR[:train|test]"
+FASHION_MNIST_PARTS = ("train", "test")
+
+
 def parse_source(source: str, split: str) -> SourceSpec:
-    """``KIND:ARGS`` -> `SourceSpec` with absolute paths; raises `SourceError` for bad specs or paths."""
+    """``KIND:ARGS`` -> `SourceSpec` with absolute paths; raises `SourceError` for bad specs or paths.
+
+    Every message starts with ``--source '<spec>':`` and names the part of the spec that is wrong
+    (the kind, the path, the labels file, the Fashion-MNIST part).
+    """
     kind, sep, rest = source.partition(":")
+    where = f"--source {source!r}"
     if not sep:
-        raise SourceError(f"source {source!r}: expected imagefolder:PATH, imagenet-val:PATH,LABELS "
-                          "or fashion-mnist:DIR[:train|test]")
+        raise SourceError(f"{where}: no KIND: prefix; expected {SPEC_FORMS}")
     if kind == "imagefolder":
-        return SourceSpec(kind, _existing(rest, source, folder=True))
+        if not rest:
+            raise SourceError(f"{where}: the folder path after 'imagefolder:' is empty; "
+                              "expected imagefolder:PATH")
+        return SourceSpec(kind, _existing(rest, where, "folder"))
     if kind == "imagenet-val":
         path, comma, labels = rest.rpartition(",")
         if not comma:
-            raise SourceError(f"source {source!r}: expected imagenet-val:PATH,LABELS")
-        return SourceSpec(kind, _existing(path, source, folder=True),
-                          labels=_existing(labels, source, folder=False))
+            raise SourceError(f"{where}: the labels file part is missing; expected imagenet-val:PATH,LABELS "
+                              "(LABELS: a text file with one '<file name> <class>' per line)")
+        if not path:
+            raise SourceError(f"{where}: the image folder part (before the comma) is empty; "
+                              "expected imagenet-val:PATH,LABELS")
+        if not labels:
+            raise SourceError(f"{where}: the labels file part (after the comma) is empty; "
+                              "expected imagenet-val:PATH,LABELS")
+        return SourceSpec(kind, _existing(path, where, "image folder"),
+                          labels=_existing(labels, where, "labels file"))
     if kind == "fashion-mnist":
-        path, part = rest or DEFAULT_FASHION_MNIST, ""
-        if re.search(r":(train|test)$", path):
-            path, _, part = path.rpartition(":")
-        part = part or ("train" if split == "train" else "test")
-        folder = _existing(path or DEFAULT_FASHION_MNIST, source, folder=True)
-        prefix = "train" if part == "train" else "t10k"
-        for suffix in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"):
-            if not (Path(folder) / f"{prefix}-{suffix}").is_file():
-                raise SourceError(f"source {source!r}: {folder}/{prefix}-{suffix} does not exist; "
-                                  "install the Debian package dataset-fashion-mnist")
-        return SourceSpec(kind, folder, part=part)
-    raise SourceError(f"source {source!r}: unknown kind {kind!r}; use imagefolder, imagenet-val "
-                      "or fashion-mnist")
+        return _fashion_mnist(rest, where, split)
+    raise SourceError(f"{where}: unknown kind {kind!r}; use imagefolder, imagenet-val or fashion-mnist "
+                      f"({SPEC_FORMS})")
 
 
-def _existing(path: str, source: str, *, folder: bool) -> str:
+def _fashion_mnist(rest: str, where: str, split: str) -> SourceSpec:
+    """``DIR[:PART]``: an empty DIR is the Debian package's folder; no PART follows the split."""
+    path, part = rest, ""
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail in FASHION_MNIST_PARTS:
+        path, part = head, tail
+    elif sep and "/" not in tail and not Path(rest).expanduser().is_dir():  # a folder may hold a ':'
+        raise SourceError(f"{where}: the part after the last ':' must be \"train\" or \"test\", got {tail!r} "
+                          "(fashion-mnist:DIR[:train|test])")
+    part = part or ("train" if split == "train" else "test")
+    folder = _existing(path or DEFAULT_FASHION_MNIST, where, "folder")
+    prefix = "train" if part == "train" else "t10k"
+    for suffix in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"):
+        if not (Path(folder) / f"{prefix}-{suffix}").is_file():
+            raise SourceError(f"{where}: {folder}/{prefix}-{suffix} does not exist; "
+                              "install the Debian package dataset-fashion-mnist")
+    return SourceSpec("fashion-mnist", folder, part=part)
+
+
+def _existing(path: str, where: str, what: str) -> str:
+    """The absolute path of an existing folder (`what` ends in "folder") or file, else `SourceError`."""
     p = Path(path).expanduser()
-    if not (p.is_dir() if folder else p.is_file()):
-        what = "folder" if folder else "file"
-        raise SourceError(f"source {source!r}: {what} {path} does not exist; check the path")
-    return str(p.resolve())
+    folder = what.endswith("folder")
+    if p.is_dir() if folder else p.is_file():
+        return str(p.resolve())
+    if not p.exists():
+        raise SourceError(f"{where}: {what} {path} does not exist; check the path")
+    actual = "a folder" if p.is_dir() else "a file" if p.is_file() else "not a regular file"
+    raise SourceError(f"{where}: {what} {path} is {actual}, not a {'folder' if folder else 'file'}")
 
 
 def list_inputs(spec: SourceSpec, *, class_names: list[str] | None = None) -> Listing:
@@ -145,7 +190,7 @@ def _is_image(name: str) -> bool:
 def _list_imagefolder(root: Path, spec: SourceSpec) -> Listing:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise SourceError(f"source imagefolder:{root}: no class sub-folders; expected one folder per class")
+        raise SourceError(f"--source imagefolder:{root}: no class sub-folders; expected one folder per class")
     listing = Listing(spec, classes, [], [])
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir():

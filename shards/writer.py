@@ -170,11 +170,23 @@ def fsync_files(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def shard_problem(out: Path, record: ShardRecord) -> str | None:
+    """Why the tar or index of a finished shard does not match its record; None when both match."""
+    tar_path, idx_path = out / record.name, out / record.index
+    if not tar_path.is_file():
+        return "missing"
+    if not idx_path.is_file():
+        return f"index file {record.index} missing"
+    size = tar_path.stat().st_size
+    if size != record.bytes:
+        return f"{size} bytes, manifest says {record.bytes}"
+    if sha256_file(idx_path) != record.index_sha256:
+        return f"index file {record.index}: sha256 differs from the manifest"
+    if sha256_file(tar_path) != record.sha256:
+        return "sha256 differs from the manifest"
+    return None
+
+
 def shard_is_complete(out: Path, record: ShardRecord) -> bool:
     """True when the tar and index of a finished shard exist and match its record's checksums."""
-    tar_path, idx_path = out / record.name, out / record.index
-    if not (tar_path.is_file() and idx_path.is_file()):
-        return False
-    if tar_path.stat().st_size != record.bytes:
-        return False
-    return sha256_file(idx_path) == record.index_sha256 and sha256_file(tar_path) == record.sha256
+    return shard_problem(out, record) is None

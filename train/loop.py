@@ -35,6 +35,7 @@ def run(cfg: Config) -> int:
     """
     prepare_environment()
     dist.init(timeout_s=cfg.engine.collective_timeout_s)
+    setup_logging(None)  # the console only, until the run folder is taken
     rundir.stop_with_launcher()
     inputs = preflight.check(cfg)  # before anything is written
     run_dir = rundir.prepare(cfg)

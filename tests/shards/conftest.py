@@ -62,6 +62,12 @@ def make_image_folder(root: Path, jpegs: list[Path]) -> dict[str, str]:
     return where
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_tracebacks(monkeypatch):
+    """The CLI tests count stderr lines; HCSC_DEBUG=1 in the caller's shell would add tracebacks."""
+    monkeypatch.delenv("HCSC_DEBUG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory, foolbox_jpegs) -> Path:
     root = tmp_path_factory.mktemp("imagefolder")

@@ -57,6 +57,16 @@ def test_garbage_behind_a_jpeg_name_is_skipped(tmp_path):
     assert probe_file(str(path)).startswith("skip:does not decode")
 
 
+def test_the_skip_reason_is_the_same_in_every_process(tmp_path):
+    """The reason is written into _info.json: no object address (PIL names its BytesIO) in it."""
+    path = tmp_path / "garbage.JPEG"
+    path.write_bytes(b"\x00\x01garbage" * 100)
+    reason = probe_file(str(path))
+    assert reason == ("skip:does not decode (UnidentifiedImageError: cannot identify image file "
+                      "<_io.BytesIO object>)")
+    assert probe_file(str(path)) == reason
+
+
 def test_jpeg_with_trailing_bytes_after_eoi_is_still_copied(foolbox_jpegs, tmp_path):
     data = foolbox_jpegs[1].read_bytes() + b"\x00" * 10000  # longer than the tail that is read first
     path = tmp_path / "trailing.JPEG"

@@ -54,6 +54,7 @@ def test_same_command_again_is_a_no_op(built, capsys):
     assert build("--source", f"imagefolder:{src}", "--out", str(out), "--seed", "3",
                  "--samples-per-shard", "5") == 0
     assert (out / "train-000000.tar").stat().st_mtime_ns == mtime
+    assert capsys.readouterr().out.splitlines() == [f"{out}: split 'train' up to date: 5 shards checked"]
 
 
 def test_shards_of_unknown_origin(built, capsys, tmp_path):
@@ -77,7 +78,7 @@ def test_refusal_from_the_console_script_is_one_line(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "hcsc-shards: error: source 'imagefolder:/no/such': folder /no/such does not exist; check the path"]
+        "hcsc-shards: error: --source 'imagefolder:/no/such': folder /no/such does not exist; check the path"]
 
 
 def test_unfinished_build_with_other_settings(built, capsys):

@@ -89,3 +89,4 @@ def test_resume_refuses_a_changed_source(image_folder, tmp_path):
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert "changed since the interrupted build" in done.stderr and "--overwrite" in done.stderr
+    assert (out / ".build-train" / "plan.json").is_file()  # the refusal keeps the interrupted build

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shards.sources import FASHION_MNIST_CLASSES, SourceError, list_inputs, load_fashion_mnist, parse_source
+from shards.sources import (
+    FASHION_MNIST_CLASSES,
+    SourceError,
+    SourceSpec,
+    list_inputs,
+    load_fashion_mnist,
+    parse_source,
+)
 from tests.shards.conftest import EMPTY_CLASS, SYNSETS
 
 
@@ -82,3 +89,38 @@ def test_imagefolder_reports_stray_files_and_hidden_folders(tmp_path, foolbox_jp
     assert listing.inputs == ["cls/a.JPEG"] and listing.class_names == ["cls"]
     assert listing.skipped == [{"input": ".cache", "reason": "hidden folder, not a class"},
                                {"input": "README", "reason": "not inside a class folder"}]
+
+
+def test_to_arg_parses_back_to_the_same_spec(image_folder, fashion_mnist_dir, tmp_path):
+    """What `verify` prints as the repair command's --source must give the same build fingerprint."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("")
+    for source, split in ((f"imagefolder:{image_folder}", "train"),
+                          (f"imagenet-val:{tmp_path},{labels}", "val"),
+                          ("fashion-mnist:", "train"), ("fashion-mnist:", "val"),
+                          (f"fashion-mnist:{fashion_mnist_dir}:train", "val")):
+        spec = parse_source(source, split)
+        assert parse_source(spec.to_arg(), split) == spec == SourceSpec.from_json(spec.to_json())
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    ("fashion-mnist::val", "the part after the last ':' must be \"train\" or \"test\", got 'val'"),
+    ("fashion-mnist:/no/such:TEST", "got 'TEST'"),
+    ("imagenet-val:/data/val", "the labels file part is missing"),
+    ("imagenet-val:,/data/labels.txt", "the image folder part (before the comma) is empty"),
+    ("imagefolder:", "the folder path after 'imagefolder:' is empty"),
+    ("imagefolders:/data", "unknown kind 'imagefolders'"),
+])
+def test_a_malformed_spec_names_the_part_that_is_wrong(source, says):
+    with pytest.raises(SourceError) as err:
+        parse_source(source, "train")
+    assert str(err.value).startswith(f"--source {source!r}: ") and says in str(err.value)
+
+
+def test_a_fashion_mnist_folder_may_hold_a_colon(fashion_mnist_dir, tmp_path):
+    folder = tmp_path / "fm:copy"
+    folder.mkdir()
+    for f in fashion_mnist_dir.glob("t10k-*"):
+        (folder / f.name).symlink_to(f)
+    expected = SourceSpec("fashion-mnist", str(folder), part="test")
+    assert parse_source(f"fashion-mnist:{folder}", "val") == expected

@@ -30,26 +30,36 @@ def run_verify(out: Path, capsys, *extra: str) -> tuple[int, list[str]]:
     return rc, capsys.readouterr().out.splitlines()
 
 
+def repair_line(image_folder: Path, out: Path) -> str:
+    """What verify prints last for the `folder_shards` build when shards are bad."""
+    return (f"repair: hcsc-shards build --source imagefolder:{image_folder.resolve()} --out {out} "
+            "--split train --seed 3 --samples-per-shard 5")
+
+
 def test_sound_folder_passes(shards_copy, capsys):
-    assert run_verify(shards_copy, capsys, "--decode") == (0, [f"{shards_copy}: ok"])
+    assert run_verify(shards_copy, capsys, "--decode") == (0, [f"{shards_copy}: all 5 shards ok"])
 
 
-def test_flipped_byte(shards_copy, capsys):
+def test_flipped_byte(shards_copy, capsys, image_folder):
     path = shards_copy / "train-000002.tar"
     data = bytearray(path.read_bytes())
     data[2000] ^= 0x01  # inside the first image
     path.write_bytes(bytes(data))
     rc, lines = run_verify(shards_copy, capsys)
     assert rc == 1
-    assert lines == ["train/train-000002.tar: sha256 differs from the manifest (corrupted or replaced)"]
+    assert lines == ["train/train-000002.tar: sha256 differs from the manifest (corrupted or replaced)",
+                     f"{shards_copy}: 4 shards ok, 1 bad: train-000002.tar",
+                     repair_line(image_folder, shards_copy)]
 
 
-def test_missing_shard(shards_copy, capsys):
+def test_missing_shard(shards_copy, capsys, image_folder):
     (shards_copy / "train-000001.tar").unlink()
     rc, lines = run_verify(shards_copy, capsys)
     assert rc == 1
     assert lines[0] == "train/train-000001.tar: missing"
-    assert lines[1:] == [f"train: idx {i} is in no shard" for i in range(5, 10)]
+    assert lines[1:6] == [f"train: idx {i} is in no shard" for i in range(5, 10)]
+    assert lines[6:] == [f"{shards_copy}: 4 shards ok, 1 bad: train-000001.tar",
+                         repair_line(image_folder, shards_copy)]
 
 
 def rewrite_shard(out: Path, number: int, change) -> None:
@@ -87,21 +97,33 @@ def test_duplicated_idx(shards_copy, capsys):
     assert not any("sha256" in line or "index file" in line for line in lines)
 
 
-def test_index_file_that_does_not_match(shards_copy, capsys):
+def test_index_file_that_does_not_match(shards_copy, capsys, image_folder):
     idx = shards_copy / "train-000003.idx"
     lines = idx.read_text().splitlines()
     lines[2] += " x"
     idx.write_text("\n".join(lines) + "\n")
     rc, out = run_verify(shards_copy, capsys)
     assert rc == 1
-    assert out == ["train/train-000003.tar: index file train-000003.idx does not match the tar (line 3)"]
+    assert out == ["train/train-000003.tar: index file train-000003.idx does not match the tar (line 3)",
+                   f"{shards_copy}: 4 shards ok, 1 bad: train-000003.tar",
+                   repair_line(image_folder, shards_copy)]
 
 
 def test_stray_shard_and_missing_manifest(shards_copy, capsys, tmp_path):
     shutil.copy(shards_copy / "train-000000.tar", shards_copy / "train-000099.tar")
     assert verify(shards_copy) == ["train/train-000099.tar: shard file not listed in the manifest"]
-    rc, lines = run_verify(tmp_path / "nothing", capsys)
-    assert rc == 1 and len(lines) == 1 and "no shard manifest" in lines[0]
+    rc, lines = run_verify(shards_copy, capsys)
+    assert rc == 1
+    assert lines == ["train/train-000099.tar: shard file not listed in the manifest",
+                     f"{shards_copy}: all 5 shards ok; problems outside the shards are listed above",
+                     "not part of split 'train', move away: train-000099.tar"]
+    # no manifest at all is a mistake in the command (exit 2), one line on stderr, as every refusal
+    (tmp_path / "nothing").mkdir()
+    rc = cli.main(["verify", str(tmp_path / "nothing"), "--workers", "1"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err.splitlines() == [f"hcsc-shards: error: {tmp_path / 'nothing' / INFO_NAME}: no shard "
+                                         "manifest; build shards with `hcsc-shards build`"]
 
 
 def test_decode_catches_a_broken_image_with_consistent_checksums(shards_copy):

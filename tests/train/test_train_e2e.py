@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,66 +15,12 @@ import pytest
 import torch
 
 from core.faults import DIE_AT_ENV
-from tests.conftest import free_port
+from tests.train._helpers import GOLDEN, ROOT, losses_by_step, records, run_env, train_cli, train_command
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = ROOT / "tests" / "golden" / "debug_losses.json"
-DEBUG = ROOT / "configs" / "debug.yaml"
-
-
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory, fashion_mnist_dir):
-    from shards.build import build_shards
-
-    out = tmp_path_factory.mktemp("fmnist-shards")
-    build_shards(f"fashion-mnist:{fashion_mnist_dir}:train", out, split="train", limit=256,
-                 samples_per_shard=64, show_progress=False)
-    build_shards(f"fashion-mnist:{fashion_mnist_dir}:test", out, split="val", limit=128,
-                 samples_per_shard=64, show_progress=False)
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
-
-
-def _command(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1,
-             launcher: str = "torchrun") -> list[str]:
-    args = ["--config", str(DEBUG), f"data.shards={shards}", f"run.output_dir={run_dir}", *overrides]
-    if ranks == 1:
-        return [sys.executable, "-m", "train.cli", *args]
-    if launcher == "deepspeed":
-        return [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={ranks}",
-                f"--master_port={free_port()}", "--module", "train.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            f"--master_port={free_port()}", "-m", "train.cli", *args]
-
-
-def _train(shards, run_dir, *overrides, ranks=1, launcher="torchrun",
-           timeout=600) -> subprocess.CompletedProcess:
-    cmd = _command(shards, run_dir, *overrides, ranks=ranks, launcher=launcher)
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run re-logs the steps it repeats)."""
-    return {r["step"]: r["loss"] for r in _records(run_dir)}
-
-
 def test_two_ranks_cross_the_warmup_boundary(fmnist_shards, tmp_path):
-    _train(fmnist_shards, tmp_path / "run", ranks=2)
-    train = _records(tmp_path / "run")
+    train_cli(fmnist_shards, tmp_path / "run", ranks=2)
+    train = records(tmp_path / "run")
     assert [r["step"] for r in train] == list(range(1, 13))  # 3 epochs x 4 steps
     warmup = [r for r in train if r["epoch"] == 0]
     hcsc = [r for r in train if r["epoch"] >= 1]
@@ -83,31 +28,31 @@ def test_two_ranks_cross_the_warmup_boundary(fmnist_shards, tmp_path):
     assert all(r["loss_proto"] > 0 for r in hcsc)  # clustering ran and PCSC contributes
     # method.md §3: the instance loss is summed over 3 levels once clustering starts.
     assert min(r["loss_inst"] for r in hcsc) > 2 * max(r["loss_inst"] for r in warmup)
-    final = _records(tmp_path / "run", "final")[0]
+    final = records(tmp_path / "run", "final")[0]
     assert 0 <= final["knn_top1"] <= 100 and 0 <= final["val_nmi"] <= 1
     assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
 def test_deepspeed_launcher_runs_two_ranks(fmnist_shards, tmp_path):
-    _train(fmnist_shards, tmp_path / "run", "optim.epochs=2", ranks=2, launcher="deepspeed")
-    assert [r["step"] for r in _records(tmp_path / "run")] == list(range(1, 9))
-    assert _records(tmp_path / "run", "final")
+    train_cli(fmnist_shards, tmp_path / "run", "optim.epochs=2", ranks=2, launcher="deepspeed")
+    assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, 9))
+    assert records(tmp_path / "run", "final")
     assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
 
 
 def test_a_dead_rank_ends_the_job_with_an_error(fmnist_shards, tmp_path):
-    env = _env() | {DIE_AT_ENV: "1:3"}
+    env = run_env() | {DIE_AT_ENV: "1:3"}
     start = time.time()
-    proc = subprocess.run(_command(fmnist_shards, tmp_path / "run", "engine.collective_timeout_s=60",
+    proc = subprocess.run(train_command(fmnist_shards, tmp_path / "run", "engine.collective_timeout_s=60",
                                    ranks=2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and time.time() - start < 240
-    assert max(r["step"] for r in _records(tmp_path / "run")) <= 4  # it stopped, it did not go on
+    assert max(r["step"] for r in records(tmp_path / "run")) <= 4  # it stopped, it did not go on
 
 
 def test_golden_losses(fmnist_shards, tmp_path):
-    _train(fmnist_shards, tmp_path / "run", "eval.knn_every=0")
-    losses = [r["loss"] for r in _records(tmp_path / "run")]
+    train_cli(fmnist_shards, tmp_path / "run", "eval.knn_every=0")
+    losses = [r["loss"] for r in records(tmp_path / "run")]
     if os.environ.get("HCSC_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps({"config": "configs/debug.yaml", "losses": losses}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())["losses"]
@@ -117,10 +62,10 @@ def test_golden_losses(fmnist_shards, tmp_path):
 
 
 def _run_and_signal(shards, run_dir, sig, after_steps: int) -> subprocess.Popen:
-    proc = subprocess.Popen(_command(shards, run_dir), env=_env(), cwd=ROOT,
+    proc = subprocess.Popen(train_command(shards, run_dir), env=run_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
-    while len(_records(run_dir)) < after_steps and proc.poll() is None and time.time() < deadline:
+    while len(records(run_dir)) < after_steps and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(sig)
     proc.communicate(timeout=600)
@@ -128,24 +73,24 @@ def _run_and_signal(shards, run_dir, sig, after_steps: int) -> subprocess.Popen:
 
 
 def test_sigkill_then_resume_equals_uninterrupted(fmnist_shards, tmp_path):
-    _train(fmnist_shards, tmp_path / "straight")
-    expected = _losses_by_step(tmp_path / "straight")
+    train_cli(fmnist_shards, tmp_path / "straight")
+    expected = losses_by_step(tmp_path / "straight")
     proc = _run_and_signal(fmnist_shards, tmp_path / "killed", signal.SIGKILL, after_steps=9)
     assert proc.returncode == -signal.SIGKILL
-    assert not _records(tmp_path / "killed", "final"), "the run finished before the kill"
-    _train(fmnist_shards, tmp_path / "killed", "run.resume=auto")
-    assert _losses_by_step(tmp_path / "killed") == pytest.approx(expected, rel=1e-6)
+    assert not records(tmp_path / "killed", "final"), "the run finished before the kill"
+    train_cli(fmnist_shards, tmp_path / "killed", "run.resume=auto")
+    assert losses_by_step(tmp_path / "killed") == pytest.approx(expected, rel=1e-6)
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_exactly(fmnist_shards, tmp_path):
-    _train(fmnist_shards, tmp_path / "straight")
-    expected = _losses_by_step(tmp_path / "straight")
+    train_cli(fmnist_shards, tmp_path / "straight")
+    expected = losses_by_step(tmp_path / "straight")
     proc = _run_and_signal(fmnist_shards, tmp_path / "stopped", signal.SIGTERM, after_steps=6)
     assert proc.returncode == 0
     tag = (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip()
     assert not tag.endswith("batch000000"), f"expected a mid-epoch checkpoint, got {tag}"
-    _train(fmnist_shards, tmp_path / "stopped", "run.resume=auto")
-    assert _losses_by_step(tmp_path / "stopped") == pytest.approx(expected, rel=1e-6)
+    train_cli(fmnist_shards, tmp_path / "stopped", "run.resume=auto")
+    assert losses_by_step(tmp_path / "stopped") == pytest.approx(expected, rel=1e-6)
     official = tmp_path / "stopped" / "checkpoints"
     _check_official_export(next(official.glob("*/hcsc_official.pth.tar")))
 
