@@ -56,7 +56,9 @@ def _val_clustering(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int
     scores = None
     if dist.is_main():
         x = torch.nn.functional.normalize(feats, dim=1).cpu().numpy().astype(np.float32)
-        km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=5, seed=seed, verbose=False)
+        # min_points_per_centroid only decides whether faiss prints a "too few points" warning
+        km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=5, seed=seed, verbose=False,
+                          min_points_per_centroid=1)
         km.train(x)
         _, assign = km.index.search(x, 1)
         found = clustering_scores(labels.cpu().numpy(), assign[:, 0])
