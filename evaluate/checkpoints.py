@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,8 @@ from torch import nn
 
 from core.errors import first_line
 from core.runfolder import DS_MODEL_FILE, OFFICIAL_FILE, RunFolder
-from model.encoders import create_encoder
+from evaluate.checks import ArgumentError
+from model.encoders import create_encoder, list_encoders
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +73,68 @@ class Checkpoint:
         return cast(DictConfig, OmegaConf.create(self.config_yaml)).get("model", {}).get("encoder")
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip archive
+_PICKLE_PROTOCOLS = range(2, 6)  # torch.save's legacy format: a pickle, protocol 2 and up
+# What torch's weights-only unpickler says when a pickle needs a class or function to be rebuilt.
+_NEEDS_CODE = re.compile(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)")
+_BAD_OPCODE = re.compile(r"Unsupported operand \d+")
+_HOW = "pass a file saved with torch.save, a run directory or a checkpoint tag folder"
+
+
+def sniff(path: Path) -> None:
+    """Refuse a file that is neither of torch.save's formats (zip archive, pickle) from its first bytes.
+
+    Raises:
+        CheckpointError: an empty, unreadable or foreign file (text, an image, random bytes).
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check its "
+                              "permissions") from None
+    if not head:
+        raise CheckpointError(f"{path}: empty file, not a torch checkpoint; {_HOW}")
+    if head != _ZIP_MAGIC and not (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither the zip archive nor the pickle "
+                              f"torch.save writes); {_HOW}")
+
+
 def torch_load(path: str | os.PathLike) -> object:
-    """`torch.load` with ``weights_only=True`` and one-line errors for people."""
+    """`torch.load` with ``weights_only=True`` and one-line errors for people.
+
+    Three failures are told apart: a file that is no torch checkpoint at all (random bytes, text, a
+    plain pickle), a damaged one (a truncated archive), and a real checkpoint that holds objects only
+    code can rebuild (refused: ``weights_only`` runs no code).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    sniff(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would add console lines
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refusing to unpickle code (weights_only=True: {first_line(err)}); "
-                              "re-save it as plain tensors, e.g. torch.save({'state_dict': sd}, path)"
-                              ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
-                              f"{first_line(err)})") from None
+        code = _NEEDS_CODE.search(str(err))
+        if code:
+            raise CheckpointError(f"{path}: refusing to unpickle code (it holds a {code.group(1)}, and "
+                                  "weights_only=True rebuilds only tensors, dicts, lists and numbers); "
+                                  "re-save it as plain tensors, e.g. torch.save({'state_dict': sd}, path)"
+                                  ) from None
+        opcode = _BAD_OPCODE.search(str(err))
+        raise CheckpointError(f"{path}: not a torch checkpoint (a pickle torch.save did not write: "
+                              f"{opcode.group(0) if opcode else first_line(err)}); {_HOW}") from None
+    except Exception as err:  # a damaged file fails anywhere inside torch.load
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, damaged or truncated? "
+                              f"({type(err).__name__}: {first_line(err)})") from None
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Before any work: the file `path` names exists and looks like a torch checkpoint."""
+    file = resolve(path)
+    sniff(file)
+    return file
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -170,9 +221,16 @@ def load_backbone(path: str | os.PathLike, encoder: str | None = None) -> tuple[
 
     Raises:
         CheckpointError: unreadable file, or keys/shapes that do not fit `encoder` (named).
+        ArgumentError: `encoder` is not a registered name.
     """
+    if encoder is not None and encoder not in list_encoders():
+        raise ArgumentError(f"--encoder {encoder!r}: unknown encoder; choose one of {list_encoders()}")
     ckpt = read_checkpoint(path)
-    encoder = encoder or ckpt.encoder_name() or "resnet50"
+    stored = ckpt.encoder_name() if encoder is None else None
+    if stored is not None and stored not in list_encoders():
+        raise CheckpointError(f"{ckpt.path}: its run used encoder {stored!r}, which this install does not "
+                              f"know; pass --encoder, one of {list_encoders()}")
+    encoder = encoder or stored or "resnet50"
     trunk, feat_dim = create_encoder(encoder)
     load_trunk_weights(trunk, feat_dim, ckpt.encoder_state("q"), where=f"{ckpt.path} (encoder {encoder!r})")
     trunk.fc = nn.Identity()

@@ -2,8 +2,15 @@
 
 Every command takes our run directory, one of our checkpoint tag folders, an official HCSC
 ``.pth`` or an exported torchvision trunk. knn, linear, cluster and report run on every rank under
-torchrun (features sharded over ranks) and in one process without a launcher. Results are printed
-as one JSON object on the last line of stdout (rank 0).
+torchrun (features sharded over ranks) and in one process without a launcher. The result is one
+JSON object, the only line on stdout (rank 0); logs and progress bars go to stderr, so
+``hcsc-eval knn ... | jq`` works.
+
+Everything that can be checked before work is checked first: the values of the flags, the output
+targets (an existing one is replaced only with --force), the checkpoint file, the shard folders
+and their splits, the cluster counts against the split's size. A failure is one line on stderr
+naming the input and what to do (exit 2), or for an unexpected error the error and the log file
+holding its traceback (exit 1); --debug or HCSC_DEBUG=1 also print the traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +19,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
+from core.cli import EXIT_USER_ERROR, run_cli
 from core.config import INTERPOLATIONS
+from core.errors import first_line
 from core.files import write_text_atomic
+from evaluate.checks import ArgumentError
 
 COMMANDS = {
     "knn": "weighted kNN top-1/top-5 on trunk features",
@@ -24,6 +36,46 @@ COMMANDS = {
     "export": "export a backbone as torchvision or detectron2 weights",
     "report": "HTML report of the learned cluster hierarchy",
 }
+OFFLINE = ("import-official", "export")  # no data, no process group work
+DEFAULT_SIZES = (224, 256)  # crop, resize (method.md §7.1) when the checkpoint does not say
+# Mistakes the user can fix, reported in one line (exit 2). ValueError covers CheckpointError,
+# ShardFormatError, ConfigError and ArgumentError, and the argument checks of the evaluations.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                IsADirectoryError, FileExistsError, PermissionError)
+N = TypeVar("N", int, float)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (argparse would print the whole usage before it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _number(kind: Callable[[str], N], text: str, ok: Callable[[N], bool], need: str) -> N:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "an integer >= 1")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0, "a number > 0")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0, "a number >= 0")
+
+
+def momentum(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def int_list(text: str) -> list[int]:
@@ -36,22 +88,37 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def positive_int_list(text: str) -> list[int]:
+    values = int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _flags(p: argparse.ArgumentParser, force: str | None) -> None:
+    if force:
+        p.add_argument("--force", action="store_true", help=force)
+    p.add_argument("--debug", action="store_true",
+                   help="also print the traceback of a failure on the console (as HCSC_DEBUG=1 does)")
+
+
 def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint tag folder, official .pth, "
                    "or an exported torchvision trunk")
     p.add_argument("--encoder", default=None, help="encoder registry name (default: from our checkpoint's "
                    "config, else resnet50)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="center crop side, px (default: the run's data.image_size, else 224, "
                         "method.md §7.1)")
-    p.add_argument("--resize", type=int, default=None,
+    p.add_argument("--resize", type=positive_int, default=None,
                    help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
                    help="resize filter before the crop (default: bicubic for knn, cluster and report, "
                    "as method.md §7.1; bilinear for linear's validation, as the PCL protocol)")
-    p.add_argument("--batch-size", type=int, default=batch_default, help="images per rank per step")
+    p.add_argument("--batch-size", type=positive_int, default=batch_default, help="images per rank per step")
     p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="data pipeline backend")
-    p.add_argument("--workers", type=int, default=4, help="DALI threads / DataLoader workers per rank")
+    p.add_argument("--workers", type=positive_int, default=4,
+                   help="DALI threads / DataLoader workers per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, required=out_help is not None,
                    help=out_help or "also write the JSON result to this file")
@@ -65,23 +132,28 @@ def _pair(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hcsc-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="hcsc-eval", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    replace_out = "replace an existing --out file"
     p = sub.add_parser("knn", help=COMMANDS["knn"])
     _common(p)
     _pair(p)
-    p.add_argument("--k", type=int_list, default=[10, 20, 100, 200], help="neighbour counts (method.md §7.1)")
-    p.add_argument("--T", type=float, default=0.07, help="vote temperature exp(s/T) (method.md §7.1: 0.07)")
+    p.add_argument("--k", type=positive_int_list, default=[10, 20, 100, 200],
+                   help="neighbour counts (method.md §7.1)")
+    p.add_argument("--T", type=positive_float, default=0.07,
+                   help="vote temperature exp(s/T) (method.md §7.1: 0.07)")
+    _flags(p, replace_out)
 
     p = sub.add_parser("linear", help=COMMANDS["linear"])
     _common(p, batch_default=256, out_help="folder for the resumable state and linear_result.json")
     _pair(p)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=5.0)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--epochs", type=positive_int, default=100)
+    p.add_argument("--lr", type=positive_float, default=5.0)
+    p.add_argument("--momentum", type=momentum, default=0.9)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--milestones", type=int_list, default=[60, 80], help="epochs where lr *= 0.1")
+    _flags(p, None)  # --out is a resumable folder: a rerun continues it
 
     for name in ("cluster", "report"):
         p = sub.add_parser(name, help=COMMANDS[name])
@@ -90,38 +162,99 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", default="val")
         p.add_argument("--num-clusters", type=int_list, default=None if name == "report" else [25000, 1000],
                        help="cluster counts, fine to coarse (HCSC README: 25000,1000)")
-        p.add_argument("--niter", type=int, default=20)
-        p.add_argument("--nredo", type=int, default=5 if name == "cluster" else 3)
-    p.add_argument("--top-clusters", type=int, default=6, help="top-level clusters shown")
-    p.add_argument("--children", type=int, default=6, help="child prototypes shown per top cluster")
-    p.add_argument("--images", type=int, default=8, help="nearest images shown per prototype")
+        p.add_argument("--niter", type=positive_int, default=20)
+        p.add_argument("--nredo", type=positive_int, default=5 if name == "cluster" else 3)
+        _flags(p, "write into an --out folder that already holds a report or other files"
+               if name == "report" else replace_out)
+    p.add_argument("--top-clusters", type=positive_int, default=6, help="top-level clusters shown")
+    p.add_argument("--children", type=positive_int, default=6, help="child prototypes shown per top cluster")
+    p.add_argument("--images", type=positive_int, default=8, help="nearest images shown per prototype")
 
     p = sub.add_parser("import-official", help=COMMANDS["import-official"])
     p.add_argument("pth", help="official HCSC checkpoint (.pth / .pth.tar)")
     p.add_argument("out", help="output file")
+    _flags(p, "replace an existing output file")
 
     p = sub.add_parser("export", help=COMMANDS["export"])
     p.add_argument("--format", choices=("torchvision", "detectron2"), required=True)
     p.add_argument("checkpoint", help="any checkpoint hcsc-eval accepts")
     p.add_argument("out", help="output file (.pth for torchvision, .pkl for detectron2)")
+    _flags(p, "replace an existing output file")
     return parser
 
 
 def _loader_args(args: argparse.Namespace) -> dict:
+    """The loader settings: flags first, then the sizes stored with our checkpoint, then 224/256."""
     from evaluate.checkpoints import stored_eval_sizes
 
-    stored = stored_eval_sizes(args.checkpoint) or (224, 256)
-    image_size = args.image_size or stored[0]
-    resize = args.resize or max(stored[1], image_size)
+    stored = stored_eval_sizes(args.checkpoint)
+    image_size = args.image_size or (stored or DEFAULT_SIZES)[0]
+    resize = args.resize or max((stored or DEFAULT_SIZES)[1], image_size)
+    if resize < image_size:  # only a typed --resize can be smaller
+        origin = (f"--image-size {image_size}" if args.image_size else
+                  f"the crop of {image_size} px the checkpoint's run used (see --image-size)" if stored else
+                  f"the default crop of {image_size} px (see --image-size)")
+        raise ArgumentError(f"--resize {resize}: smaller than {origin}; the center crop must fit in the "
+                            f"resized image: pass --resize {image_size} or more, or a smaller --image-size")
     interpolation = args.interpolation or ("bilinear" if args.command == "linear" else "bicubic")
     return {"backend": args.backend, "image_size": image_size, "resize": resize,
             "interpolation": interpolation, "batch_size": args.batch_size, "workers": args.workers}
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _splits(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(folder, split, folder flag, split flag) of every split the command reads."""
+    if args.command in ("knn", "linear"):
+        return [(args.train_shards, args.train_split, "--train-shards", "--train-split"),
+                (args.val_shards, args.val_split, "--val-shards", "--val-split")]
+    return [(args.shards, args.split, "--shards", "--split")]
+
+
+def _preflight(args: argparse.Namespace) -> dict:
+    """Every check that needs no data and no weights, cheapest first; returns the loader settings.
+
+    Order: flag values, output targets, the checkpoint's file, the shard folders and splits, the
+    cluster counts against the split's size. Raises one-line user errors naming the flag.
+    """
+    from core import dist
+    from evaluate import checks
+    from evaluate.checkpoints import CheckpointError, check_checkpoint
+    from evaluate.clustering import check_levels
+    from evaluate.data import data_config
+    from evaluate.report import default_levels
+    from model.encoders import list_encoders
+
+    if args.command in OFFLINE:
+        checks.check_new_file(args.out, force=args.force)
+        check_checkpoint(args.pth if args.command == "import-official" else args.checkpoint)
+        return {}
+    if args.encoder is not None and args.encoder not in list_encoders():
+        raise ArgumentError(f"--encoder {args.encoder!r}: unknown encoder; choose one of {list_encoders()}")
+    if args.command == "linear" and args.batch_size % dist.world():
+        raise ArgumentError(f"--batch-size {args.batch_size} (global) is not divisible by {dist.world()} "
+                            "ranks; pass a multiple of the number of processes")
+    loader = _loader_args(args)
+    if args.command == "report":
+        checks.check_report_folder(args.out, force=args.force)
+    elif args.command == "linear":
+        checks.check_output_folder(args.out)
+    elif args.out:
+        checks.check_new_file(args.out, force=args.force, flag="--out")
+    try:
+        check_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"--checkpoint {err}") from None
+    for folder, split, folder_flag, split_flag in _splits(args):
+        entry = checks.check_split(folder, split, folder_flag=folder_flag, split_flag=split_flag)
+        data_config(folder, **loader)  # what DataConfig refuses, named by the flag
+        if args.command in ("cluster", "report"):
+            check_levels(args.num_clusters or default_levels(entry.num_samples), entry.num_samples)
+    return loader
+
+
+def _run(args: argparse.Namespace, loader: dict) -> dict:
     from evaluate import commands
 
-    common = {"checkpoint": args.checkpoint, "encoder": args.encoder, "seed": args.seed, **_loader_args(args)}
+    common = {"checkpoint": args.checkpoint, "encoder": args.encoder, "seed": args.seed, **loader}
     if args.command == "knn":
         return commands.run_knn(train_shards=args.train_shards, val_shards=args.val_shards,
                                 train_split=args.train_split, val_split=args.val_split, ks=args.k,
@@ -164,29 +297,51 @@ def _offline(args: argparse.Namespace) -> dict:
     return {"command": "export", "format": args.format, "out": args.out, "keys": keys}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from core import dist
+def _log_to_stderr() -> None:
+    """`core.logs.setup_logging`, with rank 0's console handler on stderr: stdout is the result's."""
     from core.logs import setup_logging
+
+    setup_logging(None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def _command(args: argparse.Namespace) -> int:
+    from core import dist
     from evaluate.checkpoints import CheckpointError
-    from shards.format import ShardFormatError
 
     dist.init()
-    setup_logging(None)
-    main_rank = dist.is_main()
     try:
-        result = _offline(args) if args.command in ("import-official", "export") else _run(args)
-    except (CheckpointError, ShardFormatError, ValueError, FileNotFoundError) as err:
-        logging.getLogger(__name__).debug("failure", exc_info=True)
-        print(f"hcsc-eval {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        _log_to_stderr()
+        loader = _preflight(args)
+        if args.command in OFFLINE:
+            result = _offline(args)
+        else:
+            try:
+                result = _run(args, loader)
+            except CheckpointError as err:  # weights that do not fit: name the flag they came from
+                raise CheckpointError(f"--checkpoint {first_line(err)}") from err
+        if dist.is_main() and result:
+            if args.command in ("knn", "cluster") and args.out:
+                write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+            print(json.dumps(result), flush=True)
     finally:
         dist.shutdown()
-    if main_rank and result and args.command in ("knn", "cluster") and args.out:
-        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    if main_rank and result:
-        print(json.dumps(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a usage error already printed in one line
+        return stop.code if isinstance(stop.code, int) else EXIT_USER_ERROR
+    left = {"linear": "nothing was left half-written; the same command resumes after the last finished epoch",
+            "report": "nothing was left half-written; montages already written stay in --out (rerun with "
+                      "--force)"}.get(args.command, "nothing was left half-written")
+    return run_cli(f"hcsc-eval {args.command}", lambda: _command(args), user_errors=USER_ERRORS,
+                   debug=args.debug, interrupted=left)
 
 
 if __name__ == "__main__":

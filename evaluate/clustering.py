@@ -18,6 +18,7 @@ from cluster.hierarchy import hierarchical_kmeans
 from cluster.prototypes import Prototypes
 from core import dist
 from core.config import ClusterConfig
+from evaluate.checks import ArgumentError
 from evaluate.metrics import clustering_scores, purity
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 
 def check_levels(num_clusters: list[int], num_samples: int) -> None:
     """Sizes must be strictly decreasing, >= 2, and the finest at most the number of samples."""
+    typed = ",".join(str(k) for k in num_clusters)  # as the flag takes them
     if not num_clusters or any(k < 2 for k in num_clusters) or \
             any(a <= b for a, b in zip(num_clusters, num_clusters[1:], strict=False)):
-        raise ValueError(f"--num-clusters {num_clusters}: need sizes >= 2, strictly decreasing (fine to "
-                         "coarse), e.g. 25000,1000")
+        raise ArgumentError(f"--num-clusters {typed}: need sizes >= 2, strictly decreasing (fine to "
+                            "coarse), e.g. 25000,1000")
     if num_clusters[0] > num_samples:
-        raise ValueError(f"--num-clusters {num_clusters}: {num_clusters[0]} clusters from {num_samples} "
-                         "samples; lower the finest level")
+        raise ArgumentError(f"--num-clusters {typed}: {num_clusters[0]} clusters from {num_samples} samples; "
+                            f"lower the finest level to {num_samples} or less")
 
 
 def cluster_split(split: SplitFeatures, num_clusters: list[int], cfg: ClusterConfig) -> Prototypes:

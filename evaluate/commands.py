@@ -18,6 +18,7 @@ from core import dist
 from core.config import ClusterConfig
 from core.files import write_json_atomic
 from evaluate.checkpoints import load_backbone
+from evaluate.checks import ArgumentError
 from evaluate.clustering import check_levels, evaluate_clustering
 from evaluate.data import data_config
 from evaluate.knn import knn_predict_many, topk_accuracy
@@ -40,10 +41,12 @@ def run_knn(*, checkpoint: str, train_shards: str, val_shards: str, train_split:
 
     The bank stays split over ranks; the queries are gathered on every rank.
     """
+    num_classes = split_info(train_shards, train_split).num_classes  # both splits exist before any work
+    split_info(val_shards, val_split)
+    train_cfg, val_cfg = data_config(train_shards, **loader), data_config(val_shards, **loader)
     trunk, _ = _trunk(checkpoint, encoder)
-    bank = split_features(trunk, data_config(train_shards, **loader), train_split, seed=seed)
-    val = split_features(trunk, data_config(val_shards, **loader), val_split, seed=seed)
-    num_classes = split_info(train_shards, train_split).num_classes
+    bank = split_features(trunk, train_cfg, train_split, seed=seed)
+    val = split_features(trunk, val_cfg, val_split, seed=seed)
     queries = gather_by_idx(val.idx, val.feats, val.num_samples)
     labels = gather_by_idx(val.idx, val.cls, val.num_samples)
     scores = knn_predict_many(bank.feats, bank.cls, queries, num_classes=num_classes,
@@ -62,9 +65,9 @@ def run_cluster(*, checkpoint: str, shards: str, split: str = "val", num_cluster
                 **loader: Any) -> dict:
     """Hierarchical k-means of the split's normalised trunk features, scored per level."""
     check_levels(num_clusters, split_info(shards, split).num_samples)  # before any feature work
+    data, cfg = data_config(shards, **loader), ClusterConfig(niter=niter, nredo=nredo)
     trunk, _ = _trunk(checkpoint, encoder)
-    feats = split_features(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
-    cfg = ClusterConfig(niter=niter, nredo=nredo)
+    feats = split_features(trunk, data, split, seed=seed, normalize=True)
     rows = evaluate_clustering(feats, num_clusters, cfg)
     return {"command": "cluster", "checkpoint": str(checkpoint), "split": split,
             "interpolation": loader.get("interpolation", "bilinear"),
@@ -77,12 +80,14 @@ def run_linear(*, checkpoint: str, train_shards: str, val_shards: str, out: str,
     """Linear probe (method.md §7.1) with the train augmentation of `build_loader(mode="linear")`."""
     world = dist.world()
     if global_batch % world:
-        raise ValueError(f"--batch-size {global_batch} (global) is not divisible by {world} ranks")
-    trunk, feat_dim = _trunk(checkpoint, encoder)
-    num_classes = split_info(train_shards, train_split).num_classes
+        raise ArgumentError(f"--batch-size {global_batch} (global) is not divisible by {world} ranks; pass a "
+                            "multiple of the number of processes")
+    num_classes = split_info(train_shards, train_split).num_classes  # both splits exist before any work
+    split_info(val_shards, val_split)
     eval_cfg = data_config(val_shards, **loader)
-    val = split_features(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
     train_cfg = data_config(train_shards, **{**loader, "batch_size": global_batch // world})
+    trunk, feat_dim = _trunk(checkpoint, encoder)
+    val = split_features(trunk, eval_cfg, val_split, seed=seed)  # frozen trunk: val features once
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = build_loader(train_cfg, split=train_split, mode="linear", rank=dist.rank(), world=world,

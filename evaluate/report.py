@@ -10,6 +10,7 @@ page is one file; a PNG montage per shown top-level cluster is written beside it
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import tarfile
@@ -26,15 +27,17 @@ from cluster.features import gather_by_idx, split_features
 from cluster.prototypes import Prototypes
 from core import dist
 from core.config import ClusterConfig
-from core.files import write_text_atomic
+from core.files import atomic_write, write_text_atomic
 from evaluate.checkpoints import load_backbone
-from evaluate.clustering import cluster_split, score_levels, split_labels
+from evaluate.clustering import check_levels, cluster_split, score_levels, split_labels
 from evaluate.data import data_config
 from pipeline.plan import load_shards
+from shards.format import ShardFormatError, split_info
 
 log = logging.getLogger(__name__)
 
 THUMB = 96  # px, longest side of an embedded thumbnail
+MONTAGE_GLOB = "cluster_L*_*.png"  # the montages `write_report` writes
 
 
 @dataclass
@@ -128,8 +131,8 @@ def read_thumbnails(shards: str, split: str, wanted: set[int], size: int = THUMB
             break
     missing = wanted - set(found)
     if missing:
-        raise ValueError(f"{shards}: {len(missing)} images of split {split!r} not found in its tars "
-                         f"(e.g. idx {sorted(missing)[:3]}); check with `hcsc-shards verify`")
+        raise ShardFormatError(f"{shards}: {len(missing)} images of split {split!r} not found in its tars "
+                               f"(e.g. idx {sorted(missing)[:3]}); check with `hcsc-shards verify`")
     return found
 
 
@@ -137,11 +140,14 @@ def build_report_data(*, checkpoint: str, shards: str, split: str, num_clusters:
                       encoder: str | None = None, top_clusters: int = 6, children: int = 6, images: int = 8,
                       niter: int = 20, nredo: int = 3, seed: int = 0, **loader: Any) -> ReportData | None:
     """Extract, cluster and select on every rank (collective); rank 0 gets the data, others None."""
+    num_samples = split_info(shards, split).num_samples
+    levels = num_clusters or default_levels(num_samples)
+    check_levels(levels, num_samples)  # before any feature work
+    data, cfg = data_config(shards, **loader), ClusterConfig(niter=niter, nredo=nredo)
     trunk, _ = load_backbone(checkpoint, encoder)
     trunk = trunk.to(dist.device())
-    split_feats = split_features(trunk, data_config(shards, **loader), split, seed=seed, normalize=True)
-    levels = num_clusters or default_levels(split_feats.num_samples)
-    result = cluster_split(split_feats, levels, ClusterConfig(niter=niter, nredo=nredo))
+    split_feats = split_features(trunk, data, split, seed=seed, normalize=True)
+    result = cluster_split(split_feats, levels, cfg)
     feats = gather_by_idx(split_feats.idx, split_feats.feats, split_feats.num_samples)
     labels_t = split_labels(split_feats)
     if not dist.is_main():
@@ -173,12 +179,21 @@ def montage(node: Node, thumbs: dict[int, Image.Image], cell: int = THUMB, pad: 
 
 
 def write_report(data: ReportData, out: str | Path) -> Path:
-    """Write ``index.html`` (self-contained) and one PNG montage per top cluster into `out`."""
+    """Write ``index.html`` (self-contained) and one PNG montage per top cluster into `out`.
+
+    Every file is written atomically, the page last; montages of an earlier report in `out` that
+    this one does not have are removed after it, so the folder holds one report's files.
+    """
     from evaluate.report_html import render
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    written = set()
     for node in data.top:
-        montage(node, data.thumbs).save(out / f"cluster_L{node.level}_{node.cid}.png")
-    page = out / "index.html"
-    return write_text_atomic(page, render(data))
+        sheet = montage(node, data.thumbs)
+        written.add(atomic_write(out / f"cluster_L{node.level}_{node.cid}.png",
+                                 functools.partial(sheet.save, format="PNG")))
+    page = write_text_atomic(out / "index.html", render(data))
+    for stale in set(out.glob(MONTAGE_GLOB)) - written:
+        stale.unlink(missing_ok=True)
+    return page
