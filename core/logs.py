@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -24,9 +24,13 @@ from core.runfolder import RunFolder
 _FORMAT = "%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
 
 
-def setup_logging(run_dir: str | Path | None, *, rank: int | None = None,
-                  level: int = logging.INFO) -> None:
-    """Configure the root logger for this process (idempotent: replaces earlier handlers)."""
+def setup_logging(run_dir: str | Path | None, *, rank: int | None = None, level: int = logging.INFO,
+                  console: TextIO | None = None) -> None:
+    """Configure the root logger for this process (idempotent: replaces earlier handlers).
+
+    `console` is rank 0's console stream: stdout by default; the CLIs whose stdout is their
+    result (`hcsc-eval`'s JSON, `hcsc-shards`' summary) pass stderr.
+    """
     rank = dist.rank() if rank is None else rank
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -35,7 +39,7 @@ def setup_logging(run_dir: str | Path | None, *, rank: int | None = None,
     root.setLevel(level)
     formatter = logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S")
     if rank == 0:
-        stream = logging.StreamHandler(sys.stdout)
+        stream = logging.StreamHandler(console or sys.stdout)
         stream.setFormatter(formatter)
         root.addHandler(stream)
     if run_dir is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -301,11 +300,7 @@ def _log_to_stderr() -> None:
     """`core.logs.setup_logging`, with rank 0's console handler on stderr: stdout is the result's."""
     from core.logs import setup_logging
 
-    setup_logging(None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
+    setup_logging(None, console=sys.stderr)
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -194,14 +194,14 @@ def _run(out: Path, split: str, spec: SourceSpec, params: dict, fingerprint: str
                 _drop_state(out, split)
                 log.info("%s: split %r up to date: %d shards checked", out, split, len(existing.shards))
                 return BuildResult(existing, [], len(existing.shards))
-            for name, reason in bad.items():
-                log.warning("%s: %s: %s; rewriting it", out, name, reason)
             known = {r.name: r for r in existing.shards if r.name not in bad}
         listing = list_inputs(spec, class_names=other_class_names(out, split, spec))
         if existing is not None and existing.source_digest and listing.digest != existing.source_digest:
             raise BuildError(f"--source {spec.to_arg()}: changed since split {split!r} in {out} was built "
                              "(inputs added, removed or resized), so its damaged shards cannot be rewritten "
                              "as they were; pass --overwrite to rebuild the split")
+        for name, reason in bad.items() if existing is not None else ():
+            log.warning("%s: %s: %s; rewriting it", out, name, reason)
         plan = _load_or_scan(out, split, fingerprint, listing, params, pool, show_progress)
         order = _shuffle(plan, params["seed"], spec)
         if existing is not None and len(order) != existing.num_samples:

@@ -16,12 +16,12 @@ a mistake in the command, 1 for an unexpected error (traceback in the log file t
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import NoReturn
 
 from core.cli import EXIT_USER_ERROR, UserError, run_cli
+from core.logs import setup_logging
 from shards.build import DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_SHARD, BuildResult, build_split
 from shards.format import ShardFormatError
 from shards.manifest import BuildError
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed in one line
         return done.code if isinstance(done.code, int) else EXIT_USER_ERROR
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(None, rank=0, console=sys.stderr)
     if args.command == "build":
         body, interrupted = (lambda: _build(args)), (
             f"finished shards of split {args.split!r} are kept in {args.out}; rerun the same command "
