@@ -1,6 +1,6 @@
 """Benchmark: hierarchical k-means + concentration, ours (1 and 2 gloo ranks) vs the reference.
 
-The reference procedure (method.md §2.3-2.4), rewritten here from the spec: one process, faiss.Clustering
+The reference procedure (method.md §2.3-2.4), rewritten from it here: one process, faiss.Clustering
 on host numpy with the official settings per level (niter, nredo, seed = level index, max/min
 points per centroid 1000/10, flat L2 index), `index.search` for the assignments, then the
 per-sample Python loop of the official PCL/HCSC code for the concentration and Python list

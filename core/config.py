@@ -167,6 +167,22 @@ class EngineConfig:
         _require(self.collective_timeout_s >= 10, "engine.collective_timeout_s", "must be >= 10 s")
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False  # also send every metrics.jsonl record to Weights & Biases (pip extra "wandb")
+    project: str = "hcsc"  # W&B project
+    entity: str = ""  # W&B team or user; "" = the default of the logged-in account
+    name: str = ""  # run name; "" = the run folder's name
+    mode: str = "online"  # online | offline (written under the run folder, `wandb sync` later)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in WANDB_MODES, "run.wandb.mode",
+                 f"must be one of {WANDB_MODES}, got {self.mode!r}")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/hcsc"  # run directory: config, logs, metrics, checkpoints
@@ -177,6 +193,7 @@ class RunConfig:
     overwrite: bool = False  # start afresh in a used output_dir (its old files move to previous-<time>/)
     log_every: int = 10  # steps between metric lines
     max_steps_per_epoch: int = 0  # cap on train steps per epoch (debug); 0 = the full epoch
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # optional W&B logger
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")

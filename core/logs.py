@@ -64,35 +64,92 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
 
 
 class MetricsWriter:
-    """Appends metric records to `metrics.jsonl` (and TensorBoard) on rank 0; no-op elsewhere."""
+    """Appends metric records to `metrics.jsonl`, TensorBoard and (optionally) Weights & Biases on
+    rank 0; a no-op elsewhere.
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool | None = None,
-                 tensorboard: bool = True) -> None:
+    A record is ``{"kind", "step", "time", **values}``. Its scalars become TensorBoard tags
+    ``<kind>/<key><suffix>`` (the suffix tells apart records of one kind at one step, e.g. the
+    levels of a `cluster` record) and W&B keys of the same name.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool | None = None, tensorboard: bool = True,
+                 wandb: Any = None, config: Mapping[str, Any] | None = None) -> None:
         self.enabled = dist.is_main() if enabled is None else enabled
-        self.path = RunFolder.at(run_dir).metrics
+        run = RunFolder.at(run_dir)
+        self.path = run.metrics
         self._tb = None
+        self._wandb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                self._tb = _tensorboard_writer(RunFolder.at(run_dir).tensorboard)
+                self._tb = _tensorboard_writer(run.tensorboard)
+            if wandb is not None and wandb.enabled:
+                self._wandb = _wandb_run(run, wandb, dict(config or {}))
 
-    def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
-        """One record: {"kind", "step", "time", **values}; floats must be finite or are nulled."""
+    def write(self, kind: str, step: int, values: Mapping[str, Any], *, tag_suffix: str = "") -> None:
+        """One record; floats must be finite or are written as null."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"{kind}/{k}{tag_suffix}": v for k, v in record.items()
+                   if k not in ("kind", "step", "time") and isinstance(v, int | float)
+                   and not isinstance(v, bool)}
         if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("kind", "step", "time") and isinstance(v, int | float):
-                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+            for tag, v in scalars.items():
+                self._tb.add_scalar(tag, v, int(step))
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=int(step))
+
+    def text(self, tag: str, text: str) -> None:
+        """A text panel (TensorBoard renders Markdown)."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, 0)
+
+    def images(self, tag: str, grid: Any, step: int) -> None:
+        """An image (CHW float in [0, 1], e.g. a `torchvision.utils.make_grid`)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, grid, int(step))
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(grid.permute(1, 2, 0).numpy())}, step=int(step))
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_histogram(tag, values, int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_records(run_dir: str | Path, kind: str, *, since_step: int = 0) -> list[dict[str, Any]]:
+    """The records of one kind in a run's metrics.jsonl at or after `since_step` (a line cut short by
+    a kill is skipped)."""
+    path = RunFolder.at(run_dir).metrics
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == kind and record.get("step", -1) >= since_step:
+            found.append(record)
+    return found
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain nested dicts (for W&B's run config)."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
 
 
 def _jsonable(value: Any) -> Any:
@@ -101,6 +158,21 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _wandb_run(run: RunFolder, settings: Any, config: dict[str, Any]):
+    """A W&B run for this run folder (`run.wandb`); None, with one line saying why, when wandb is not
+    installed. Offline runs are written under the run folder (`wandb sync` uploads them later)."""
+    try:
+        import wandb
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "run.wandb.enabled=true but the wandb package is not installed (pip install 'hcsc[wandb]'): "
+            "metrics go to metrics.jsonl and TensorBoard only")
+        return None
+    return wandb.init(project=settings.project, entity=settings.entity or None,
+                      name=settings.name or run.root.resolve().name, mode=settings.mode,
+                      dir=str(run.root), config=config)
 
 
 def _tensorboard_writer(path: Path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -23,41 +22,10 @@ from model import losses, selection
 from model.encoders import create_encoder, pooled_features
 from model.heads import build_head
 from model.momentum import enqueue_, momentum_update_, shuffled_keys
+from model.step_terms import StepLogits, StepRecord, step_metrics
 from pipeline.batch import Batch
 
 MaskSampler = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class StepLogits:
-    """Every logit matrix and mask of one step, levels fine to coarse: what the losses reduce.
-
-    Layouts as in `model.losses`. `inst_masks[l]` (B, K) bool; `proto_masks[l]` (B, M_l) bool or
-    None (top level or `proto_selection` off); `proto_excluded[l]` (M_l,) bool; `labels[l]` (B,)
-    the batch's clusters at level l.
-    """
-
-    labels: list[torch.Tensor] = field(default_factory=list)
-    inst_logits: list[torch.Tensor] = field(default_factory=list)
-    inst_masks: list[torch.Tensor] = field(default_factory=list)
-    proto_logits: list[torch.Tensor] = field(default_factory=list)
-    proto_masks: list[torch.Tensor | None] = field(default_factory=list)
-    proto_excluded: list[torch.Tensor] = field(default_factory=list)
-    local_inst_logits: list[torch.Tensor] = field(default_factory=list)  # view-major, then level
-    local_proto_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [view][level]
-    local_proto_masks: list[list[torch.Tensor | None]] = field(default_factory=list)
-
-
-@dataclass
-class StepRecord(StepLogits):
-    """A detached copy of one step for inspection (`HCSC.step_observer`): its logits and masks,
-    plus `q`, `local_q`, `k` (normalised) and `queue` (before the enqueue), from which every logit
-    can be recomputed."""
-
-    q: torch.Tensor | None = None
-    local_q: list[torch.Tensor] = field(default_factory=list)
-    k: torch.Tensor | None = None
-    queue: torch.Tensor | None = None
 
 
 class HCSC(nn.Module):
@@ -109,12 +77,15 @@ class HCSC(nn.Module):
             raise ValueError(f"backbone_features: which must be 'q' or 'k', got {which!r}")
         return pooled_features(self.encoder_q if which == "q" else self.encoder_k, images)
 
-    def forward(self, batch: Batch, prototypes: Prototypes | None, *, epoch: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, prototypes: Prototypes | None, *, epoch: int,
+                metrics: bool = False) -> dict[str, torch.Tensor]:
         """One step's losses, with the momentum update and the enqueue as side effects.
 
         Returns `loss` (the total of method.md §5.1) and its terms `loss_inst`, `loss_proto`,
         `loss_local_inst`, `loss_local_proto` (zero when not applicable), and `acc_inst` (percent
         top-1 of the first instance logits: level 1's masked logits when selecting, else MoCo's).
+        With `metrics` (the trainer's logging steps) and prototypes in use, also the per-level
+        metrics of `model.step_terms.step_metrics`; all are tensors on the step's device.
         """
         views = self._check_views(batch)
         q = F.normalize(self.encoder_q(views[0]), dim=1)
@@ -127,6 +98,8 @@ class HCSC(nn.Module):
         if self.use_prototypes(epoch, prototypes):
             assert prototypes is not None  # `use_prototypes` checked it
             out = self._hcsc_losses(q, local_q, k, queue, batch.idx, prototypes, terms)
+            if metrics:
+                out.update(step_metrics(terms, prototypes.num_levels, len(local_q)))
         else:
             out = self._moco_losses(q, local_q, k, queue, terms)
         out["acc_inst"] = losses.top1_accuracy(terms.inst_logits[0].detach())

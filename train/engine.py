@@ -111,12 +111,14 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batch, prototypes, epoch: int) -> dict[str, torch.Tensor]:
+    def train_step(self, batch, prototypes, epoch: int, *, metrics: bool = False) -> dict[str, torch.Tensor]:
         """One step: forward through the engine (autocast applies there), backward, SGD step.
 
-        Returns the detached loss terms (tensors; the caller decides when to sync for logging).
+        Returns the detached loss terms (tensors; the caller decides when to sync for logging), with
+        the per-level metrics when `metrics` (the logging steps).
         """
-        out = self.engine(batch, prototypes, epoch=epoch)
+        extra = {"metrics": True} if metrics else {}  # a module without metrics never gets asked
+        out = self.engine(batch, prototypes, epoch=epoch, **extra)
         self.engine.backward(out["loss"])
         self.engine.step()
         return {k: v.detach() for k, v in out.items()}

@@ -313,3 +313,50 @@ def test_step_has_no_host_sync_on_cuda():
             model(batch, protos, epoch=1)["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(("multi_crop", "selection"), [(False, True), (True, True), (False, False)])
+def test_per_level_metrics_add_up_and_match_the_masks(multi_crop, selection):
+    model = make_model(multi_crop=multi_crop, instance_selection=selection, proto_selection=selection)
+    protos = make_prototypes()
+    batch = make_batch(local=4 if multi_crop else 0)
+    out = {k: v.detach() for k, v in model(batch, protos, epoch=1, metrics=True).items()}
+    t = model.last_terms
+    levels = range(1, len(SIZES) + 1)
+    inst_levels = levels if selection else [1]  # without ICSC there is one unmasked instance loss
+    per_level = sum(float(out[f"loss_inst/l{lvl}"]) for lvl in inst_levels)
+    assert per_level == pytest.approx(float(out["loss_inst"]))
+    assert sum(float(out[f"loss_proto/l{lvl}"]) for lvl in levels) / len(SIZES) == pytest.approx(
+        float(out["loss_proto"]))
+    for lvl in levels:
+        kept_inst, kept_proto = float(out[f"kept_inst/l{lvl}"]), float(out[f"kept_proto/l{lvl}"])
+        assert 0 <= kept_inst <= 1 and 0 <= kept_proto <= 1
+        assert 0 <= float(out[f"acc_proto/l{lvl}"]) <= 100
+        if not selection or lvl == len(SIZES):  # nothing is selected: everything is kept
+            assert kept_proto == 1.0
+        if not selection:
+            assert kept_inst == 1.0
+        else:
+            assert kept_inst == pytest.approx(float(t.inst_masks[lvl - 1].float().mean()))
+    if selection:
+        keep, cand = t.proto_masks[0], ~t.proto_excluded[0]
+        want = keep[:, cand].float().mean()
+        assert float(out["kept_proto/l1"]) == pytest.approx(float(want))
+    local = [k for k in out if k.startswith("loss_local")]
+    if multi_crop:
+        # local views reuse no instance masks here (hcsc.selection_on_local off): one level
+        assert float(out["loss_local_inst/l1"]) == pytest.approx(float(out["loss_local_inst"]))
+        assert sum(float(out[f"loss_local_proto/l{lvl}"]) for lvl in levels) / len(SIZES) == pytest.approx(
+            float(out["loss_local_proto"]))
+    else:
+        assert local == ["loss_local_inst", "loss_local_proto"]  # no per-level local terms
+
+
+def test_metrics_are_only_computed_when_asked_and_change_no_loss():
+    protos, batch = make_prototypes(), make_batch()
+    plain = make_model(seed=3)(batch, protos, epoch=1)
+    with_metrics = make_model(seed=3)(batch, protos, epoch=1, metrics=True)
+    assert not any("/l" in k for k in plain)
+    assert all(torch.equal(plain[k], with_metrics[k]) for k in plain)
+    warmup = make_model()(batch, protos, epoch=0, metrics=True)  # plain MoCo: no levels yet
+    assert not any("/l" in k for k in warmup)
