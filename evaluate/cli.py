@@ -1,8 +1,10 @@
 """`hcsc-eval`: evaluate HCSC checkpoints (kNN, linear probe, clustering, import/export, report).
 
 Every command takes our run directory, one of our checkpoint tag folders, an official HCSC
-``.pth`` or an exported torchvision trunk. knn, linear, cluster and report run on every rank under
-torchrun (features sharded over ranks) and in one process without a launcher. The result is one
+``.pth`` or an exported torchvision trunk (``report`` without ``--recluster`` only the first two:
+it shows the prototypes stored with them). knn, linear, cluster and report --recluster run on
+every rank under torchrun (features sharded over ranks) and in one process without a launcher; a
+report of stored prototypes embeds its few images on rank 0 alone. The result is one
 JSON object, the only line on stdout (rank 0); logs and progress bars go to stderr, so
 ``hcsc-eval knn ... | jq`` works.
 
@@ -19,13 +21,16 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from core.cli import EXIT_USER_ERROR, run_cli
 from core.config import INTERPOLATIONS
 from core.errors import first_line
 from core.files import write_text_atomic
 from evaluate.checks import ArgumentError
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, so --help and flag errors are fast
+    from evaluate.stored import StoredRun
 
 COMMANDS = {
     "knn": "weighted kNN top-1/top-5 on trunk features",
@@ -42,6 +47,16 @@ DEFAULT_SIZES = (224, 256)  # crop, resize (method.md §7.1) when the checkpoint
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                 IsADirectoryError, FileExistsError, PermissionError)
 N = TypeVar("N", int, float)
+RECLUSTER_SPLIT, RECLUSTER_NITER, RECLUSTER_NREDO = "val", 20, 3  # `report --recluster` defaults
+RECLUSTER_ONLY = ("--split", "--num-clusters", "--niter", "--nredo")  # flags of the re-clustering
+REPORT_HELP = """\
+By default the page shows the prototypes stored with one of our checkpoints (a run folder or a
+checkpoint folder): the hierarchical clustering of the run's training split that training used
+at the start of the checkpoint's epoch, every top-level cluster with its child prototypes and
+their members nearest to the centroid in the momentum encoder's head space, the run's config
+and training curves (metrics.jsonl), scores against the labels, a class x cluster matrix and a
+PCA map of the prototypes. With --recluster it clusters a split's trunk features instead, for
+any checkpoint hcsc-eval accepts."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +86,10 @@ def positive_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     return _number(float, text, lambda v: v >= 0, "a number >= 0")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
 
 
 def momentum(text: str) -> float:
@@ -112,15 +131,26 @@ def _common(p: argparse.ArgumentParser, batch_default: int = 128, out_help: str 
     p.add_argument("--resize", type=positive_int, default=None,
                    help="shorter side before the crop, px (default: the run's data.eval_resize, else 256)")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
-                   help="resize filter before the crop (default: bicubic for knn, cluster and report, "
-                   "as method.md §7.1; bilinear for linear's validation, as the PCL protocol)")
+                   help="resize filter before the crop (default: bicubic for knn, cluster and report "
+                   "--recluster, as method.md §7.1; bilinear for linear's validation, as the PCL protocol; "
+                   "for a report of stored prototypes the run's data.eval_interpolation, as the "
+                   "clustering's features, method.md §2.2)")
     p.add_argument("--batch-size", type=positive_int, default=batch_default, help="images per rank per step")
-    p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="data pipeline backend")
+    p.add_argument("--backend", choices=("dali", "torch"), default="dali",
+                   help="data pipeline backend (a report of stored prototypes decodes its few images with "
+                        "the torch reference transform)")
     p.add_argument("--workers", type=positive_int, default=4,
-                   help="DALI threads / DataLoader workers per rank")
+                   help="DALI threads / DataLoader workers per rank (decoding threads for a report of stored "
+                        "prototypes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, required=out_help is not None,
                    help=out_help or "also write the JSON result to this file")
+
+
+def _shards(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--shards", required=required, default=None,
+                   help="shard folder" if required else
+                   "shard folder (default: the run's data.shards; required with --recluster)")
 
 
 def _pair(p: argparse.ArgumentParser) -> None:
@@ -154,20 +184,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=int_list, default=[60, 80], help="epochs where lr *= 0.1")
     _flags(p, None)  # --out is a resumable folder: a rerun continues it
 
-    for name in ("cluster", "report"):
-        p = sub.add_parser(name, help=COMMANDS[name])
-        _common(p, out_help="folder for index.html and the PNG montages" if name == "report" else None)
-        p.add_argument("--shards", required=True, help="shard folder")
-        p.add_argument("--split", default="val")
-        p.add_argument("--num-clusters", type=int_list, default=None if name == "report" else [25000, 1000],
-                       help="cluster counts, fine to coarse (HCSC README: 25000,1000)")
-        p.add_argument("--niter", type=positive_int, default=20)
-        p.add_argument("--nredo", type=positive_int, default=5 if name == "cluster" else 3)
-        _flags(p, "write into an --out folder that already holds a report or other files"
-               if name == "report" else replace_out)
-    p.add_argument("--top-clusters", type=positive_int, default=6, help="top-level clusters shown")
-    p.add_argument("--children", type=positive_int, default=6, help="child prototypes shown per top cluster")
+    p = sub.add_parser("cluster", help=COMMANDS["cluster"])
+    _common(p)
+    _shards(p, required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--num-clusters", type=int_list, default=[25000, 1000],
+                   help="cluster counts, fine to coarse (HCSC README: 25000,1000)")
+    p.add_argument("--niter", type=positive_int, default=20)
+    p.add_argument("--nredo", type=positive_int, default=5)
+    _flags(p, replace_out)
+
+    p = sub.add_parser("report", help=COMMANDS["report"], description=REPORT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, out_help="folder for index.html and the PNG montages")
+    p.add_argument("--recluster", action="store_true",
+                   help="cluster a split's trunk features afresh instead of showing the prototypes stored "
+                        "with the checkpoint (for official or exported weights, and for checkpoints of the "
+                        "warm-up)")
+    _shards(p, required=False)
+    p.add_argument("--split", default=None,
+                   help=f"--recluster: the split to cluster (default {RECLUSTER_SPLIT}); the stored "
+                        "prototypes always cover the run's data.train_split")
+    p.add_argument("--num-clusters", type=int_list, default=None,
+                   help="--recluster: cluster counts, fine to coarse (default: about 25 images per fine "
+                        "cluster and 8 fine clusters per coarse one)")
+    p.add_argument("--niter", type=positive_int, default=None,
+                   help=f"--recluster: Lloyd iterations per restart (default {RECLUSTER_NITER})")
+    p.add_argument("--nredo", type=positive_int, default=None,
+                   help=f"--recluster: k-means restarts (default {RECLUSTER_NREDO})")
+    p.add_argument("--max-images", type=positive_int, default=20000,
+                   help="stored prototypes: embed at most this many training images to rank the members "
+                        "shown (a random subset, topped up so every shown prototype has --images candidates)")
+    p.add_argument("--children", type=positive_int, default=6,
+                   help="child prototypes shown per top-level cluster")
     p.add_argument("--images", type=positive_int, default=8, help="nearest images shown per prototype")
+    p.add_argument("--montages", type=nonnegative_int, default=6,
+                   help="write a PNG montage beside the page for this many of the largest top-level clusters")
+    _flags(p, "write into an --out folder that already holds a report or other files")
 
     p = sub.add_parser("import-official", help=COMMANDS["import-official"])
     p.add_argument("pth", help="official HCSC checkpoint (.pth / .pth.tar)")
@@ -182,11 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loader_args(args: argparse.Namespace) -> dict:
-    """The loader settings: flags first, then the sizes stored with our checkpoint, then 224/256."""
+def _loader_args(args: argparse.Namespace, run: tuple[int, int, str] | None = None) -> dict:
+    """The loader settings: flags first, then the sizes stored with our checkpoint, then 224/256.
+
+    Args:
+        run: (data.image_size, data.eval_resize, data.eval_interpolation) of the run whose stored
+            prototypes the report shows: its defaults then reproduce the clustering's features
+            (docs/method.md §2.2) rather than the evaluation protocol's bicubic (§7.1).
+    """
     from evaluate.checkpoints import stored_eval_sizes
 
-    stored = stored_eval_sizes(args.checkpoint)
+    stored = run[:2] if run else stored_eval_sizes(args.checkpoint)
     image_size = args.image_size or (stored or DEFAULT_SIZES)[0]
     resize = args.resize or max((stored or DEFAULT_SIZES)[1], image_size)
     if resize < image_size:  # only a typed --resize can be smaller
@@ -195,7 +254,8 @@ def _loader_args(args: argparse.Namespace) -> dict:
                   f"the default crop of {image_size} px (see --image-size)")
         raise ArgumentError(f"--resize {resize}: smaller than {origin}; the center crop must fit in the "
                             f"resized image: pass --resize {image_size} or more, or a smaller --image-size")
-    interpolation = args.interpolation or ("bilinear" if args.command == "linear" else "bicubic")
+    protocol = "bilinear" if args.command == "linear" else "bicubic"
+    interpolation = args.interpolation or (run[2] if run else protocol)
     return {"backend": args.backend, "image_size": image_size, "resize": resize,
             "interpolation": interpolation, "batch_size": args.batch_size, "workers": args.workers}
 
@@ -208,8 +268,66 @@ def _splits(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     return [(args.shards, args.split, "--shards", "--split")]
 
 
-def _preflight(args: argparse.Namespace) -> dict:
-    """Every check that needs no data and no weights, cheapest first; returns the loader settings.
+def _report_flags(args: argparse.Namespace) -> None:
+    """`report`: the flags of one source used with the other are refused (they would be ignored)."""
+    if args.recluster:
+        if args.shards is None:
+            raise ArgumentError("--recluster: needs --shards, the shard folder holding the split to cluster")
+        args.split = args.split or RECLUSTER_SPLIT
+        args.niter = args.niter or RECLUSTER_NITER
+        args.nredo = args.nredo or RECLUSTER_NREDO
+        return
+    for flag in RECLUSTER_ONLY:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and flag != "--split":
+            typed = ",".join(map(str, value)) if isinstance(value, list) else value
+            raise ArgumentError(f"{flag} {typed}: applies only with --recluster (the stored prototypes have "
+                                "the run's own levels); drop it, or add --recluster to cluster a split "
+                                "afresh")
+
+
+def _preflight_stored(args: argparse.Namespace, loader: dict) -> tuple[dict, StoredRun]:
+    """`report` without --recluster: the checkpoint's stored prototypes, the run's training split
+    in the shard folder, and the same number of samples in both. Reads the checkpoint (the
+    prototypes' presence is only known from inside it), but no data."""
+    from evaluate import checks
+    from evaluate.checkpoints import CheckpointError
+    from evaluate.data import data_config
+    from evaluate.stored import load_stored
+
+    try:
+        stored = load_stored(args.checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"--checkpoint {err}") from None
+    cfg = stored.config
+    where = stored.run.config if stored.run is not None and stored.run.config.is_file() else stored.file
+    if args.encoder is not None and args.encoder != cfg.model.encoder:
+        raise ArgumentError(f"--encoder {args.encoder}: the stored prototypes were made by the run's own "
+                            f"encoder {cfg.model.encoder!r} ({where}); drop --encoder, or add --recluster")
+    split = cfg.data.train_split
+    if args.split is not None and args.split != split:
+        raise ArgumentError(f"--split {args.split}: the stored prototypes cluster the run's training split "
+                            f"{split!r} (data.train_split); drop --split, or add --recluster to cluster "
+                            f"{args.split!r} afresh")
+    folder = args.shards or cfg.data.shards
+    flag = "--shards" if args.shards else f"data.shards of {where} (--shards overrides it):"
+    entry = checks.check_split(folder, split, folder_flag=flag,
+                               split_flag="--shards" if args.shards else "data.train_split")
+    assigned = int(stored.prototypes.im2cluster[0].numel())
+    if entry.num_samples != assigned:
+        raise ArgumentError(f"{flag} {folder}: split {split!r} has {entry.num_samples} samples, but the "
+                            f"stored prototypes assign {assigned}; pass the shard folder the run trained on "
+                            "with --shards")
+    args.shards = folder
+    data = cfg.data
+    loader = _loader_args(args, (data.image_size, data.eval_resize, data.eval_interpolation))
+    data_config(folder, **loader)  # what DataConfig refuses, named by the flag
+    return loader, stored
+
+
+def _preflight(args: argparse.Namespace) -> tuple[dict, StoredRun | None]:
+    """Every check that needs no data, cheapest first; returns the loader settings (and, for a
+    report of stored prototypes, the checkpoint read).
 
     Order: flag values, output targets, the checkpoint's file, the shard folders and splits, the
     cluster counts against the split's size. Raises one-line user errors naming the flag.
@@ -225,7 +343,9 @@ def _preflight(args: argparse.Namespace) -> dict:
     if args.command in OFFLINE:
         checks.check_new_file(args.out, force=args.force)
         check_checkpoint(args.pth if args.command == "import-official" else args.checkpoint)
-        return {}
+        return {}, None
+    if args.command == "report":
+        _report_flags(args)
     if args.encoder is not None and args.encoder not in list_encoders():
         raise ArgumentError(f"--encoder {args.encoder!r}: unknown encoder; choose one of {list_encoders()}")
     if args.command == "linear" and args.batch_size % dist.world():
@@ -242,15 +362,17 @@ def _preflight(args: argparse.Namespace) -> dict:
         check_checkpoint(args.checkpoint)
     except CheckpointError as err:
         raise CheckpointError(f"--checkpoint {err}") from None
+    if args.command == "report" and not args.recluster:
+        return _preflight_stored(args, loader)
     for folder, split, folder_flag, split_flag in _splits(args):
         entry = checks.check_split(folder, split, folder_flag=folder_flag, split_flag=split_flag)
         data_config(folder, **loader)  # what DataConfig refuses, named by the flag
         if args.command in ("cluster", "report"):
             check_levels(args.num_clusters or default_levels(entry.num_samples), entry.num_samples)
-    return loader
+    return loader, None
 
 
-def _run(args: argparse.Namespace, loader: dict) -> dict:
+def _run(args: argparse.Namespace, loader: dict, stored: StoredRun | None) -> dict:
     from evaluate import commands
 
     common = {"checkpoint": args.checkpoint, "encoder": args.encoder, "seed": args.seed, **loader}
@@ -270,20 +392,30 @@ def _run(args: argparse.Namespace, loader: dict) -> dict:
         return commands.run_linear(train_shards=args.train_shards, val_shards=args.val_shards, out=args.out,
                                    train_split=args.train_split, val_split=args.val_split, protocol=protocol,
                                    global_batch=args.batch_size, **common)
-    return _report(args, common)
+    return _report(args, common, stored)
 
 
-def _report(args: argparse.Namespace, common: dict) -> dict:
-    from evaluate.report import build_report_data, write_report
+def _report(args: argparse.Namespace, common: dict, stored: StoredRun | None) -> dict:
+    from core import dist
+    from evaluate.report import build_report_data, build_stored_report, write_report
 
-    data = build_report_data(shards=args.shards, split=args.split, num_clusters=args.num_clusters,
-                             top_clusters=args.top_clusters, children=args.children, images=args.images,
-                             niter=args.niter, nredo=args.nredo, **common)
+    if stored is None:
+        data = build_report_data(shards=args.shards, split=args.split, num_clusters=args.num_clusters,
+                                 children=args.children, images=args.images, niter=args.niter,
+                                 nredo=args.nredo, **common)
+    elif dist.is_main():  # no collective: ranks other than 0 have nothing to do
+        data = build_stored_report(stored, shards=args.shards, children=args.children, images=args.images,
+                                   max_images=args.max_images, image_size=common["image_size"],
+                                   resize=common["resize"], interpolation=common["interpolation"],
+                                   batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    else:
+        data = None
     if data is None:
         return {}
-    page = write_report(data, args.out)
-    return {"command": "report", "page": str(page), "levels": [len(s) for s in data.sizes],
-            "scores": data.scores}
+    page = write_report(data, args.out, montages=args.montages)
+    return {"command": "report", "source": data.source, "page": str(page), "checkpoint": data.checkpoint,
+            "prototypes_epoch": data.prototypes_epoch, "split": data.split,
+            "levels": [len(s) for s in data.sizes], "embedded": data.embedded, "scores": data.scores}
 
 
 def _offline(args: argparse.Namespace) -> dict:
@@ -310,12 +442,12 @@ def _command(args: argparse.Namespace) -> int:
     dist.init()
     try:
         _log_to_stderr()
-        loader = _preflight(args)
+        loader, stored = _preflight(args)
         if args.command in OFFLINE:
             result = _offline(args)
         else:
             try:
-                result = _run(args, loader)
+                result = _run(args, loader, stored)
             except CheckpointError as err:  # weights that do not fit: name the flag they came from
                 raise CheckpointError(f"--checkpoint {first_line(err)}") from err
         if dist.is_main() and result:

@@ -23,6 +23,7 @@ from PIL import Image
 import evaluate.commands
 import evaluate.interop
 import evaluate.report
+import evaluate.stored
 from evaluate.cli import main
 from evaluate.report import Node, ReportData, write_report
 from tests.evaluate.test_cli import LOADER
@@ -93,9 +94,10 @@ def _cluster(c: Ctx, *extra: str) -> list[str]:
             *extra]
 
 
-def _report(c: Ctx, out: str, *extra: str) -> list[str]:
-    return ["report", "--checkpoint", str(c.ckpt), "--shards", str(c.shards), "--out", str(c.tmp / out),
-            *LOADER, *extra]
+def _report(c: Ctx, out: str, *extra: str, recluster: bool = True) -> list[str]:
+    """`report` of the official checkpoint, which stores no prototypes: --recluster unless told not to."""
+    flags = ["--recluster", "--shards", str(c.shards)] if recluster else []
+    return ["report", "--checkpoint", str(c.ckpt), *flags, "--out", str(c.tmp / out), *LOADER, *extra]
 
 
 def _export(src: Path, out: Path, *extra: str) -> list[str]:
@@ -155,6 +157,16 @@ ROWS = [
         ["--num-clusters", "many", "--help"]),
     Row("report --num-clusters above the split size",
         lambda c: _report(c, "new_report", "--num-clusters", "65,4"), ["--num-clusters 65,4", "64 samples"]),
+    # without --recluster the report shows the prototypes stored with our checkpoints
+    Row("report of official weights without --recluster", lambda c: _report(c, "new_report", recluster=False),
+        ["--checkpoint", "hcsc_random.pth.tar", "no prototypes", "--recluster"],
+        fix=lambda c: _report(c, "new_report", "--nredo", "1")),
+    Row("report --num-clusters without --recluster",
+        lambda c: _report(c, "new_report", "--num-clusters", "12,4", recluster=False),
+        ["--num-clusters 12,4", "only with --recluster"]),
+    Row("report --recluster without --shards",
+        lambda c: ["report", "--recluster", "--checkpoint", str(c.ckpt), "--out", str(c.tmp / "new_report")],
+        ["--recluster", "--shards"]),
     Row("missing required flag", lambda c: ["knn", "--checkpoint", str(c.ckpt)],
         ["--train-shards", "--help"]),
     Row("export onto an existing file", lambda c: _export(c.ckpt, c.tmp / "existing.pth"),
@@ -203,8 +215,10 @@ def _refuse_work(monkeypatch: pytest.MonkeyPatch, *, reading: bool) -> None:
         monkeypatch.setattr(module, "split_features", refuse)
         if not reading:
             monkeypatch.setattr(module, "load_backbone", refuse)
+    monkeypatch.setattr(evaluate.report, "scan_split", refuse)
     if not reading:
         monkeypatch.setattr(evaluate.interop, "read_checkpoint", refuse)
+        monkeypatch.setattr(evaluate.stored, "torch_load", refuse)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])

@@ -6,34 +6,17 @@ faiss.Kmeans directly, `hcsc-eval cluster` runs the cluster package's faiss-comp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from evaluate.cli import main
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # `run_dir` (tests/evaluate/conftest.py) trains a tiny run first
 # bilinear: the trainer's monitor resizes as the run's data.eval_interpolation (method.md §2.2), where the
 # CLI's kNN and clustering default to method.md §7.1's bicubic
 LOADER = ["--image-size", "16", "--resize", "16", "--batch-size", "64", "--workers", "1",
           "--interpolation", "bilinear"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fm_shards) -> Path:
-    run = tmp_path_factory.mktemp("trained") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    # configs/debug.yaml: resnet18_small, 16 px, kNN k=10 T=0.07 and NMI at the end of training
-    cmd = [sys.executable, "-m", "train.cli", "--config", str(ROOT / "configs" / "debug.yaml"),
-           f"data.shards={fm_shards}", f"run.output_dir={run}", "optim.epochs=2", "run.max_steps_per_epoch=2"]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return run
 
 
 def _final(run: Path) -> dict:
