@@ -1,10 +1,10 @@
 """Feature quality on Fashion-MNIST: HCSC vs MoCo v2 (the same code with `hcsc.enabled=false`: no
 clustering, no selection, no prototype loss) vs the random-init encoder.
 
-Each method trains with `configs/demo_fmnist.yaml` (narrow small-stem ResNet-18 at 32 px) on the same
-shards, seed and epochs; then, on the test split: weighted kNN top-1 (k=200, T=0.07, `hcsc-eval
-knn`), linear-probe top-1 (`hcsc-eval linear`) and NMI of k-means with 10 clusters
-(`hcsc-eval cluster`).
+Each method trains with `configs/demo_fmnist.yaml` (narrow small-stem ResNet-18; 28 px now, the
+results in BENCHMARKS.md were made with its earlier 32 px settings) on the same shards, seed and
+epochs; then, on the test split: weighted kNN top-1 (k=200, T=0.07, `hcsc-eval knn`), linear-probe
+top-1 (`hcsc-eval linear`) and NMI of k-means with 10 clusters (`hcsc-eval cluster`).
 
 The CPU budget: with `--parallel` (the recorded setting) HCSC and MoCo of one seed train at the same
 time, one core each (`OMP_NUM_THREADS=1`, one DALI thread), so whatever else runs on the machine

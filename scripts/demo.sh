@@ -12,8 +12,8 @@ for split in train val; do
     if ! .venv/bin/python -c "import sys; from shards.format import split_info; split_info(sys.argv[1], sys.argv[2])" \
             "$SHARDS" "$split" 2>/dev/null; then
         echo "demo: building Fashion-MNIST $part shards into $SHARDS (split $split)"
-        # 12000 training images keep the demo to minutes on 2 cores; the whole test split is "val".
-        limit=$([ "$split" = train ] && echo "--limit 12000" || echo "")
+        # 30000 training images keep the demo under 5 minutes on 2 cores; the whole test split is "val".
+        limit=$([ "$split" = train ] && echo "--limit 30000" || echo "")
         .venv/bin/hcsc-shards build --source "fashion-mnist:$FMNIST:$part" --out "$SHARDS" --split "$split" \
             --workers 2 $limit
     fi
