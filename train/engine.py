@@ -121,7 +121,27 @@ class Engine:
         out = self.engine(batch, prototypes, epoch=epoch, **extra)
         self.engine.backward(out["loss"])
         self.engine.step()
+        self._share_buffers()
         return {k: v.detach() for k, v in out.items()}
+
+    @torch.no_grad()
+    def _share_buffers(self) -> None:
+        """Give every rank rank 0's buffers after each step, as the official code's DDP does before
+        each forward (`broadcast_buffers`): BatchNorm's running statistics follow each rank's own
+        batches, and DeepSpeed broadcasts parameters once, never buffers. Without it the ranks'
+        statistics drift apart, clustering and kNN features come from per-rank statistics, and a
+        resumed run (every rank loads rank 0's) no longer equals an uninterrupted one. The queue
+        buffers are left out: every rank enqueues the same gathered keys, so they never differ."""
+        if dist.world() == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for name, buf in self.engine.module.named_buffers():
+            if not name.startswith("queue"):
+                by_dtype.setdefault(buf.dtype, []).append(buf)
+        for bufs in by_dtype.values():  # one broadcast per dtype, not one per buffer
+            flat = dist.broadcast_(torch.cat([b.reshape(-1) for b in bufs]))
+            for buf, part in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+                buf.copy_(part.view_as(buf))
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint of model + optimizer (+ ZeRO partitions) into `folder/tag`."""

@@ -173,3 +173,44 @@ def test_bf16_uses_torch_autocast_only():
     ds = deepspeed_config(cfg, world=1)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds and "fp16" not in ds
+
+
+class ToyBN(Toy):
+    """The toy with BatchNorm in both encoders: running statistics that follow each rank's batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder_q = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+        self.encoder_k = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+        self.encoder_k.requires_grad_(False)
+
+
+def _bn_buffers_after_steps(run_dir: str) -> dict:
+    from core import dist
+    from train import checkpoint
+    from train.engine import Engine
+
+    cfg = load_config(None, ["data.batch_size=4", "model.queue_size=8", f"run.output_dir={run_dir}"])
+    engine = Engine(ToyBN(), cfg, lr=0.1)
+    batches = _batches(dist.rank())  # other data on each rank
+    straight = [float(engine.train_step(b, None, 0)["loss"]) for b in batches[:2]]
+    buffers = {n: b.clone() for n, b in engine.module.named_buffers() if not n.startswith("queue")}
+    checkpoint.save(engine, run_dir, checkpoint.ResumePoint(0, 2, 2), config_yaml="", keep_last=2)
+    straight += [float(engine.train_step(b, None, 0)["loss"]) for b in batches[2:]]
+    resumed_engine = Engine(ToyBN(), cfg, lr=0.1)
+    checkpoint.load(resumed_engine, checkpoint.resolve(run_dir, "auto"), torch.device("cpu"))
+    resumed = [float(resumed_engine.train_step(b, None, 0)["loss"]) for b in batches[2:]]
+    return {"buffers": {n: b.numpy() for n, b in buffers.items()}, "straight": straight[2:],
+            "resumed": resumed}
+
+
+def test_batchnorm_buffers_are_the_same_on_every_rank_and_resume_exactly(dist_run, tmp_path):
+    rank0, rank1 = dist_run(_bn_buffers_after_steps, 2, str(tmp_path))
+    assert set(rank0["buffers"]) == {"encoder_q.0.running_mean", "encoder_q.0.running_var",
+                                     "encoder_q.0.num_batches_tracked", "encoder_k.0.running_mean",
+                                     "encoder_k.0.running_var", "encoder_k.0.num_batches_tracked"}
+    for name, value in rank0["buffers"].items():
+        assert (value == rank1["buffers"][name]).all(), name  # rank 0's statistics everywhere
+    assert rank0["buffers"]["encoder_q.0.running_mean"].any()  # they did move
+    for res in (rank0, rank1):  # the checkpoint holds every rank's state, so rank 1 resumes exactly too
+        assert res["resumed"] == res["straight"]

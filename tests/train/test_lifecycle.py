@@ -181,3 +181,18 @@ def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(fmnist_shards,
     assert not alive, "workers outlived their launcher"
     assert records(run_dir)[-1]["step"] < 30 * 4  # stopped long before the end
     assert (run_dir / "checkpoints" / "latest").is_file(), "SIGTERM from the launcher's death saves first"
+
+
+def test_two_ranks_killed_after_an_epoch_checkpoint_resume_with_identical_losses(fmnist_shards, tmp_path):
+    """Both ranks' BatchNorm statistics are rank 0's after every step, so the checkpoint holds the
+    state of every rank and a resumed 2-rank run clusters and trains as the uninterrupted one."""
+    train_cli(fmnist_shards, tmp_path / "straight", "data.val_split=", ranks=2)
+    killed = tmp_path / "killed"
+    command = train_command(fmnist_shards, killed, "data.val_split=", "engine.collective_timeout_s=60",
+                            ranks=2)
+    proc = subprocess.run(command, env=run_env() | {DIE_AT_ENV: "1:6"}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (killed / "checkpoints" / "epoch0001-batch000000").is_dir()
+    train_cli(fmnist_shards, killed, "data.val_split=", ranks=2)
+    assert losses_by_step(killed) == pytest.approx(losses_by_step(tmp_path / "straight"), rel=1e-6)
