@@ -64,6 +64,11 @@ class Prototypes:
     def num_levels(self) -> int:
         return len(self.centroids)
 
+    def cluster_sizes(self) -> list[torch.Tensor]:
+        """Images per cluster at every level: L int64 CPU tensors (M_l,)."""
+        return [torch.bincount(a.cpu(), minlength=c.shape[0])
+                for a, c in zip(self.im2cluster, self.centroids, strict=True)]
+
     def to(self, device: torch.device | str) -> Prototypes:
         moved = {name: [t.to(device) for t in getattr(self, name)] for name in _TENSOR_LISTS}
         return replace(self, **moved)

@@ -48,6 +48,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], *,
     return path
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself, or its closest ancestor that exists: where a write would create folders."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text), binary=False)

@@ -130,19 +130,25 @@ class MetricsWriter:
             self._wandb = None
 
 
-def read_records(run_dir: str | Path, kind: str, *, since_step: int = 0) -> list[dict[str, Any]]:
-    """The records of one kind in a run's metrics.jsonl at or after `since_step` (a line cut short by
-    a kill is skipped)."""
-    path = RunFolder.at(run_dir).metrics
-    found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every readable record of a metrics.jsonl, in file order ([] when there is no such file); a line
+    cut short by a kill, or not JSON at all, is skipped."""
+    path = Path(path)
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("kind") == kind and record.get("step", -1) >= since_step:
-            found.append(record)
-    return found
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_records(run_dir: str | Path, kind: str, *, since_step: int = 0) -> list[dict[str, Any]]:
+    """The records of one kind in a run folder's metrics.jsonl, at or after `since_step`."""
+    return [r for r in read_jsonl(RunFolder.at(run_dir).metrics)
+            if r.get("kind") == kind and r.get("step", -1) >= since_step]
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

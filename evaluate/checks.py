@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 from core.cli import UserError
-from pipeline.plan import load_shards
-from shards.format import INFO_NAME, ShardFormatError, SplitManifest, read_info, split_info
+from core.files import nearest_existing
+from pipeline.plan import load_split
+from shards.format import INFO_NAME, ShardFormatError, SplitManifest, read_info
 
 
 class ArgumentError(UserError, ValueError):
@@ -21,17 +22,10 @@ class ArgumentError(UserError, ValueError):
     """
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_writable_parent(path: str | os.PathLike, label: str) -> None:
     """The folder that will hold `path` exists or can be created, and is writable."""
     path = Path(path)
-    folder = _nearest_existing(path.parent)
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise ArgumentError(f"{label}{path}: {folder} is a file, not a folder; choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -104,7 +98,6 @@ def check_split(folder: str | os.PathLike, split: str, *, folder_flag: str,
             raise ArgumentError(f"{split_flag} {split!r}: {path / INFO_NAME} has no such split (it has "
                                 f"{sorted(splits)}); pass one of those, or build it with `hcsc-shards build "
                                 f"--source ... --out {path} --split {split}`")
-        load_shards(path, split)  # every tar and index present, counts as the manifest says
-        return split_info(path, split)
+        return load_split(path, split)[0]  # every tar and index present, counts as the manifest says
     except ShardFormatError as err:
         raise ShardFormatError(f"{folder_flag} {err}") from None

@@ -11,13 +11,10 @@ optional: a chart is drawn from whatever series exist, and unreadable lines are 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 MAX_POINTS = 400  # per drawn series; a long run logs ~10^5 steps, which an SVG path need not carry
 LEVEL_KEY = re.compile(r"^(?P<name>[A-Za-z_]+)/l(?P<level>\d+)$")
@@ -39,22 +36,6 @@ class Chart:
     note: str  # one sentence: what the curve measures and how to read it
     series: list[Series] = field(default_factory=list)
     percent: bool = False  # the values are percentages (axis from 0)
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Every readable record of `path`, in file order; [] when the file does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill, or not JSON at all
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _number(value: object) -> float | None:
@@ -153,7 +134,7 @@ def charts(records: list[dict], *, epochs: int | None = None) -> list[Chart]:
     """The report's training charts, each only when its records exist.
 
     Args:
-        records: `read_records` of the run's metrics.jsonl.
+        records: `core.logs.read_jsonl` of the run's metrics.jsonl.
         epochs: ``optim.epochs`` of the run, where the final evaluation is placed (None: one epoch
             after the last one seen).
     """

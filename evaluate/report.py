@@ -36,10 +36,10 @@ from cluster.prototypes import Prototypes
 from core import dist
 from core.config import ClusterConfig
 from core.files import atomic_write, write_text_atomic
+from core.logs import read_jsonl
 from core.runfolder import RunFolder
 from evaluate.checkpoints import CheckpointError, load_backbone, resolve
 from evaluate.clustering import check_levels, cluster_split, score_levels, split_labels
-from evaluate.curves import read_records
 from evaluate.data import data_config
 from evaluate.metrics import clustering_scores, purity
 from evaluate.stored import StoredRun, momentum_embedder, scan_split
@@ -297,8 +297,7 @@ def _shown_images(top: list[Node]) -> set[int]:
 
 
 def _sizes(result: Prototypes) -> list[np.ndarray]:
-    return [torch.bincount(a, minlength=c.shape[0]).cpu().numpy()
-            for a, c in zip(result.im2cluster, result.centroids, strict=True)]
+    return [s.numpy() for s in result.cluster_sizes()]
 
 
 def _finish(data: ReportData, result: Prototypes) -> ReportData:
@@ -332,7 +331,7 @@ def run_context(checkpoint: str) -> tuple[str | None, list[dict], int | None, st
             epochs = int(cast(DictConfig, OmegaConf.create(text)).get("optim", {}).get("epochs"))
         except Exception:  # a config the page shows as text can still be unreadable as YAML
             epochs = None
-    return text, read_records(run.metrics), epochs, file.parent.name
+    return text, read_jsonl(run.metrics), epochs, file.parent.name
 
 
 def build_stored_report(stored: StoredRun, *, shards: str, children: int = 6, images: int = 8,
@@ -360,7 +359,7 @@ def build_stored_report(stored: StoredRun, *, shards: str, children: int = 6, im
     scores, score_samples = None, None
     if labels is not None:
         scores, score_samples = score_assignments(result, labels, seed=seed)
-    records = read_records(stored.run.metrics) if stored.run is not None else []
+    records = read_jsonl(stored.run.metrics) if stored.run is not None else []
     data = ReportData(str(stored.file.parent), split, info.num_samples, names, labels, _sizes(result), scores,
                       top, read_thumbnails(shards, split, _shown_images(top)), source="stored",
                       prototypes=result, prototypes_epoch=stored.prototypes_epoch, tag=stored.tag,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import INFO_NAME, ShardFormatError, split_info
+from shards.format import INFO_NAME, ShardFormatError, SplitManifest, split_info
 
 # DALI .idx files written by `wds2idx` start with "v1.2 <num_samples>".
 _INDEX_MAGIC = "v1.2"
@@ -79,7 +79,15 @@ class EpochPlan:
 
 
 def load_shards(folder: str | os.PathLike, split: str) -> tuple[list[ShardFile], int]:
-    """The split's shard files in stored order, checked against the manifest.
+    """The split's shard files in stored order and its sample count, checked against the manifest
+    (see `load_split`)."""
+    _, shards = load_split(folder, split)
+    return shards, sum(s.num_samples for s in shards)
+
+
+def load_split(folder: str | os.PathLike, split: str) -> tuple[SplitManifest, list[ShardFile]]:
+    """The split's manifest entry and its shard files in stored order, checked against each other:
+    what a loader needs, and what the start-up checks of `hcsc-train` and `hcsc-eval` verify.
 
     Raises:
         ShardFormatError: a missing or truncated tar, a missing index, an index whose sample count
@@ -107,7 +115,7 @@ def load_shards(folder: str | os.PathLike, split: str) -> tuple[list[ShardFile],
     if not shards or total != entry.num_samples:
         raise ShardFormatError(f"{folder / INFO_NAME}: split {split!r} lists {len(shards)} shards with "
                                f"{total} samples, but num_samples is {entry.num_samples}; {fix}")
-    return shards, total
+    return entry, shards
 
 
 def _index_count(index: Path) -> int:

@@ -73,12 +73,25 @@ def test_no_module_shadows_the_standard_library():
 
 
 def test_no_reference_to_documents_outside_the_repository():
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
-    outside = re.compile(r"shared/docs|hcsc_spec|design\.md|style\.md|\bspec \d|\((style|design) \d")
-    offenders = [f"{name}:{n}" for name in tracked.stdout.split()
-                 if name.endswith((".py", ".md", ".yaml", ".sh", ".toml")) and (ROOT / name).is_file()
-                 and name != "tests/test_repository.py"  # the pattern above
-                 for n, line in enumerate((ROOT / name).read_text().splitlines(), 1) if outside.search(line)]
+    """Every Markdown document a source, config or doc names is in the repository, no relative path
+    climbs out of it, and no comment cites numbered sections of an outside text, as "spec" and a number."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    basenames = {Path(name).name for name in tracked}
+    named_doc = re.compile(r"[\w./-]*\w\.md\b")
+    climbing = re.compile(r"(?:\.\./)+[\w./-]+")
+    section_cite = re.compile(r"\bspec \d|\((?:style|design) \d")
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if not name.endswith((".py", ".md", ".yaml", ".sh", ".toml")) or not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            docs = [d for d in named_doc.findall(line) if Path(d).name not in basenames]
+            outside = [c for c in climbing.findall(line)
+                       if ROOT not in (path.parent / c).resolve().parents]
+            if docs or outside or section_cite.search(line):
+                offenders.append(f"{name}:{n}")
     assert not offenders, f"cite docs/method.md or docs/architecture.md instead: {offenders}"
 
 

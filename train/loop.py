@@ -158,10 +158,11 @@ def _cluster(model, cfg: Config, epoch: int, inputs: preflight.RunInputs, point:
     labelled = inputs.train.num_classes > 1
     labels = gather_by_idx(found.idx, found.cls, found.num_samples) if labelled else None
     if dist.is_main():
-        for row in records.cluster_records(prototypes, labels, epoch=epoch, nredo=cfg.cluster.nredo):
+        sizes = prototypes.cluster_sizes()
+        for row in records.cluster_records(prototypes, sizes, labels, epoch=epoch, nredo=cfg.cluster.nredo):
             metrics.write("cluster", point.global_step, row, tag_suffix=f"/l{row['level']}")
-        for level, sizes in enumerate(records.cluster_sizes(prototypes), start=1):
-            metrics.histogram(f"cluster_sizes/l{level}", sizes, epoch)
+        for level, level_sizes in enumerate(sizes, start=1):
+            metrics.histogram(f"cluster_sizes/l{level}", level_sizes, epoch)
     log.info("epoch %d: features %.1fs, clustering %.1fs", epoch, timings["features_s"],
              timings["clustering_s"])
     return prototypes.to(dist.device())

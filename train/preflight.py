@@ -21,8 +21,9 @@ import torch
 from core import dist
 from core.cli import UserError
 from core.config import Config, global_batch
-from pipeline.plan import load_shards
-from shards.format import ShardFormatError, SplitManifest, split_info
+from core.files import nearest_existing
+from pipeline.plan import load_split
+from shards.format import INFO_NAME, ShardFormatError, SplitManifest
 from train import checkpoint
 
 
@@ -51,7 +52,7 @@ def check(cfg: Config) -> RunInputs:
         found = _check_local(cfg, dist.world())
     except (PreflightError, checkpoint.CheckpointChoiceError) as err:
         problem = str(err)
-    view = _shard_view(cfg) if found is not None else None
+    view = _shard_view(cfg.data.shards, found) if found is not None else None
     reports = dist.all_gather_object((problem, view))
     for rank, (message, _) in enumerate(reports):
         if message:
@@ -99,8 +100,7 @@ def _split(cfg: Config, split: str, key: str, alternative: str) -> SplitManifest
         raise PreflightError(f"data.shards={folder}: no such folder; build the shards with "
                              "`hcsc-shards build --out FOLDER ...` or fix the path")
     try:
-        manifest = split_info(folder, split)
-        load_shards(folder, split)  # every tar present, of the recorded size, with its index
+        manifest, _ = load_split(folder, split)  # every tar present, of the recorded size, with its index
     except ShardFormatError as err:
         raise PreflightError(f"{key}={split}: {err}{alternative}") from None
     return manifest
@@ -132,20 +132,17 @@ def _check_output_dir(output_dir: str) -> None:
     if path.exists() and not path.is_dir():
         raise PreflightError(f"run.output_dir={output_dir}: is a file, not a folder; choose another "
                              "run.output_dir")
-    existing = path
-    while not existing.exists():  # the nearest folder that exists is where the run folder is made
-        existing = existing.parent
+    existing = nearest_existing(path)  # where the run folder would be made
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PreflightError(f"run.output_dir={output_dir}: {existing} is not writable; choose a "
                              "run.output_dir you can write to")
 
 
-def _shard_view(cfg: Config) -> str:
-    """A digest of what this rank sees of the shards: the manifest and every shard's size."""
-    folder = Path(cfg.data.shards)
-    digest = hashlib.sha256((folder / "_info.json").read_bytes())
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        if split:
-            for shard in split_info(folder, split).shards:
-                digest.update(f"{shard.name}:{(folder / shard.name).stat().st_size}".encode())
+def _shard_view(shards: str, found: RunInputs) -> str:
+    """A digest of what this rank sees of the shards: the manifest and every read shard's size."""
+    folder = Path(shards)
+    digest = hashlib.sha256((folder / INFO_NAME).read_bytes())
+    for manifest in (found.train, found.val):
+        for shard in manifest.shards if manifest is not None else ():
+            digest.update(f"{shard.name}:{(folder / shard.name).stat().st_size}".encode())
     return digest.hexdigest()

@@ -51,17 +51,18 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def cluster_records(prototypes: Prototypes, labels: torch.Tensor | None, *, epoch: int,
-                    nredo: int) -> list[dict[str, Any]]:
-    """One record per level: what k-means did and the clusters' sizes in images, their
-    concentrations, and (when the shards carry labels) NMI and purity against them.
+def cluster_records(prototypes: Prototypes, level_sizes: list[torch.Tensor], labels: torch.Tensor | None, *,
+                    epoch: int, nredo: int) -> list[dict[str, Any]]:
+    """One record per level: what k-means did, the clusters' sizes in images (`level_sizes`, from
+    `Prototypes.cluster_sizes`), their concentrations, and (when the shards carry labels) NMI and purity.
 
     `labels`: every training sample's class, indexed by dataset index (None: no labels).
     """
     rows = []
-    for level, (stats, assign, phi) in enumerate(
-            zip(prototypes.stats, prototypes.im2cluster, prototypes.density, strict=True), start=1):
-        sizes = torch.bincount(assign.cpu(), minlength=stats.clusters).numpy()
+    for level, (stats, assign, phi, sizes) in enumerate(
+            zip(prototypes.stats, prototypes.im2cluster, prototypes.density,
+                [s.numpy() for s in level_sizes], strict=True),
+            start=1):
         row: dict[str, Any] = {
             "epoch": epoch, "level": level, "samples": int(assign.numel()), "clusters": stats.clusters,
             "objective": stats.final_objective, "seconds": stats.seconds,
@@ -75,12 +76,6 @@ def cluster_records(prototypes: Prototypes, labels: torch.Tensor | None, *, epoc
             row["purity"] = purity(truth, found)
         rows.append(row)
     return rows
-
-
-def cluster_sizes(prototypes: Prototypes) -> list[np.ndarray]:
-    """Images per cluster at every level (for the histograms)."""
-    return [torch.bincount(a.cpu(), minlength=c.shape[0]).numpy()
-            for a, c in zip(prototypes.im2cluster, prototypes.centroids, strict=True)]
 
 
 def view_grid(views: list[torch.Tensor]) -> torch.Tensor:

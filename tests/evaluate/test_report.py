@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cluster.prototypes import Prototypes
+from core.logs import read_jsonl as read_records
 from evaluate.cli import main
-from evaluate.curves import charts, read_records
+from evaluate.curves import charts
 from evaluate.metrics import purity
 from evaluate.report import choose_rows, pick_nodes, plan_nodes
 from evaluate.stored import prototypes_epoch
