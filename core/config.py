@@ -26,6 +26,8 @@ ENCODERS = ("resnet50", "resnet18", "resnet18_small", "resnet18_small_w32", "res
 INTERPOLATIONS = ("bilinear", "bicubic")  # eval-mode resize filters
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
+SEARCHES = ("auto", "faiss-gpu", "torch", "faiss-cpu")  # k-means nearest-centroid search backends
+FEATURE_PRECISIONS = ("fp32", "bf16")  # forward precision of the clustering feature pass
 
 
 class ConfigError(ValueError):
@@ -127,12 +129,21 @@ class ClusterConfig:
     warm_start: bool = False  # init from last epoch's centroids (beyond the reference)
     warm_start_niter: int = 5  # Lloyd iterations when warm-starting (nredo is then 1)
     prune: bool = True  # CPU: search only rows whose nearest centroid may have moved (same labels)
+    # nearest-centroid search: auto = faiss-gpu for CUDA features where it works, else torch on the
+    # features' GPU, else faiss-cpu for CPU features (docs/architecture.md#decisions)
+    search: str = "auto"
+    feature_precision: str = "fp32"  # fp32 (official) | bf16 autocast of the feature pass (CUDA only)
+    feature_batch_size: int = 0  # images per rank per feature-pass step; 0 = 4 x data.eval_batch_size
 
     def __post_init__(self) -> None:
         _require(self.niter >= 1, "cluster.niter", f"must be >= 1, got {self.niter}")
         _require(self.nredo >= 1, "cluster.nredo", f"must be >= 1, got {self.nredo}")
         _require(self.max_points_per_centroid >= 1, "cluster.max_points_per_centroid", "must be >= 1")
         _require(self.warm_start_niter >= 1, "cluster.warm_start_niter", "must be >= 1")
+        _require(self.search in SEARCHES, "cluster.search", f"must be one of {SEARCHES}, got {self.search!r}")
+        _require(self.feature_precision in FEATURE_PRECISIONS, "cluster.feature_precision",
+                 f"must be one of {FEATURE_PRECISIONS}, got {self.feature_precision!r}")
+        _require(self.feature_batch_size >= 0, "cluster.feature_batch_size", "must be >= 0 (0 = 4 x eval batch)")
 
 
 @dataclass
@@ -160,6 +171,8 @@ class EngineConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0 or 1 (ResNet-50 gains nothing from more)
     precision: str = "fp32"  # fp32 | bf16 | fp16, via DeepSpeed torch_autocast only
     collective_timeout_s: int = 1800  # a dead rank makes the others exit after this long
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per shape
+    channels_last: bool = True  # CUDA: NHWC memory format for the encoders and batches (tensor cores)
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1), "engine.zero_stage", f"must be 0 or 1, got {self.zero_stage}")
