@@ -143,7 +143,8 @@ class ClusterConfig:
         _require(self.search in SEARCHES, "cluster.search", f"must be one of {SEARCHES}, got {self.search!r}")
         _require(self.feature_precision in FEATURE_PRECISIONS, "cluster.feature_precision",
                  f"must be one of {FEATURE_PRECISIONS}, got {self.feature_precision!r}")
-        _require(self.feature_batch_size >= 0, "cluster.feature_batch_size", "must be >= 0 (0 = 4 x eval batch)")
+        _require(self.feature_batch_size >= 0, "cluster.feature_batch_size",
+                 "must be >= 0 (0 = 4 x data.eval_batch_size)")
 
 
 @dataclass

@@ -48,10 +48,29 @@ def default_backend() -> str:
 
 
 def device() -> torch.device:
-    """This rank's compute device: its local GPU, or the CPU."""
+    """This rank's compute device: its local GPU (`gpu_index`), or the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+        return torch.device("cuda", gpu_index())
     return torch.device("cpu")
+
+
+def gpu_index() -> int:
+    """The index of this rank's GPU among the GPUs this process sees.
+
+    Launchers give GPUs to processes in two ways: every process sees all of the host's GPUs and
+    takes the one at its LOCAL_RANK (torchrun, the deepspeed launcher), or each process sees only
+    its own (`CUDA_VISIBLE_DEVICES` set per process, e.g. Slurm's `--gpus-per-task=1`), where it is
+    always index 0 whatever LOCAL_RANK says. Anything else is a launch mistake, named here rather
+    than failing later as "invalid device ordinal".
+    """
+    visible, local = torch.cuda.device_count(), local_rank()
+    if visible == 1:
+        return 0
+    if local < visible:
+        return local
+    raise RuntimeError(f"LOCAL_RANK={local} but this process sees only {visible} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                       "give every process all of the host's GPUs or exactly one")
 
 
 def init(backend: str | None = None, timeout_s: float = 1800.0) -> None:
@@ -63,9 +82,13 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> None:
     if is_initialized() or not launched():
         return
     backend = backend or default_backend()
+    bound: dict[str, Any] = {}
     if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # Bound to its GPU from the start: NCCL then creates its communicator eagerly on the right
+        # device instead of guessing it at the first collective (and warning about it).
+        bound["device_id"] = device()
+        torch.cuda.set_device(bound["device_id"])
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **bound)
     log.info("process group: backend=%s rank=%d world=%d timeout=%ss", backend, rank(), world(),
              timeout_s)
 

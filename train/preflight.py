@@ -5,14 +5,15 @@ all-gather), so a mistake stops every rank at once with the same one line, exit 
 covers: the shard folder, its manifest and every split the run reads (train; val when the kNN
 monitor and the final evaluation are on), each shard's size against the manifest (the full
 checksum is `hcsc-shards verify`'s job), the global batch against the split, the finest clustering
-level against the split, the precision against the hardware, the output folder, the checkpoint to
-resume from, and that every rank sees the same shards.
+level against the split, the GPU the config asks for against the one torch can use (no silent CPU
+run), the output folder, the checkpoint to resume from, and that every rank sees the same shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from core import dist
 from core.cli import UserError
 from core.config import Config, global_batch
+from core.errors import first_line
 from core.files import nearest_existing
 from pipeline.plan import load_split
 from shards.format import INFO_NAME, ShardFormatError, SplitManifest
@@ -73,7 +75,7 @@ def _check_local(cfg: Config, world: int) -> RunInputs:
         val = _split(cfg, cfg.data.val_split, "data.val_split",
                      "; or pass data.val_split= (empty) to turn off the kNN monitor and the final evaluation")
     _check_sizes(cfg, train, world)
-    _check_precision(cfg)
+    _check_hardware(cfg)
     _check_output_dir(cfg.run.output_dir)
     return RunInputs(train, val, _resume_from(cfg))
 
@@ -120,11 +122,41 @@ def _check_sizes(cfg: Config, train: SplitManifest, world: int) -> None:
                              "the levels (fine to coarse, strictly decreasing)")
 
 
-def _check_precision(cfg: Config) -> None:
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present where an NVIDIA kernel driver is loaded
+
+
+def _check_hardware(cfg: Config) -> None:
+    """What the config asks of the GPU against what torch can use: never a silent CPU run."""
+    cuda, why_not = _cuda_usable()
+    if not cuda and why_not:
+        raise PreflightError(f"this machine has an NVIDIA driver but torch {torch.__version__} (CUDA "
+                             f"{torch.version.cuda}) cannot use it: {why_not}; update the driver "
+                             "(README.md#gpu), or to train on the CPU on purpose set CUDA_VISIBLE_DEVICES=")
     precision = cfg.engine.precision
-    if precision != "fp32" and not torch.cuda.is_available():
+    if precision != "fp32" and not cuda:
         raise PreflightError(f"engine.precision={precision}: mixed precision needs a CUDA GPU and this "
                              "machine has none; set engine.precision=fp32")
+    if cuda and "bf16" in (precision, cfg.cluster.feature_precision) and not torch.cuda.is_bf16_supported():
+        raise PreflightError(f"bf16 (engine.precision={precision}, cluster.feature_precision="
+                             f"{cfg.cluster.feature_precision}): {torch.cuda.get_device_name()} has no "
+                             "bf16 support; use fp16 for engine.precision and fp32 for the feature pass")
+    if cfg.cluster.feature_precision != "fp32" and not cuda:
+        raise PreflightError(f"cluster.feature_precision={cfg.cluster.feature_precision}: needs a CUDA "
+                             "GPU and this machine has none; set cluster.feature_precision=fp32")
+
+
+def _cuda_usable() -> tuple[bool, str]:
+    """(torch can use a GPU, why not where a driver is loaded but torch sees none). Hiding every
+    GPU with an empty CUDA_VISIBLE_DEVICES is a choice, not a fault."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+    if usable or hidden or not NVIDIA_DRIVER.exists():
+        return usable, ""
+    driver = NVIDIA_DRIVER.read_text(errors="replace").splitlines()[:1]
+    reason = first_line(caught[0].message) if caught else "torch.cuda.is_available() is False"
+    return False, f"{reason} ({driver[0].strip() if driver else 'driver version unknown'})"
 
 
 def _check_output_dir(output_dir: str) -> None:

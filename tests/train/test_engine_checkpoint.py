@@ -160,19 +160,17 @@ def test_deepspeed_config_comes_from_the_schema():
     assert "torch_autocast" not in ds and "fp16" not in ds and "bf16" not in ds
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_mixed_precision_refused_on_cpu():
-    cfg = load_config(None, ["engine.precision=bf16"])
-    with pytest.raises(ValueError, match="engine.precision=bf16 needs a GPU"):
-        deepspeed_config(cfg, world=1)
-
-
-@pytest.mark.gpu
-def test_bf16_uses_torch_autocast_only():
-    cfg = load_config(None, ["engine.precision=bf16"])
-    ds = deepspeed_config(cfg, world=1)
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+def test_mixed_precision_is_torch_autocast_with_fp32_gradient_reduction():
+    ds = deepspeed_config(load_config(None, ["engine.precision=bf16", "engine.zero_stage=1"]), world=1)
+    # No module tagged for bf16 communication: ZeRO-1 reduces every gradient in fp32.
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_deepspeed_never_synchronises_the_device_for_its_timers():
+    ds = deepspeed_config(load_config(None, []), world=1)
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert ds["wall_clock_breakdown"] is False
 
 
 class ToyBN(Toy):

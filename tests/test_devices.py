@@ -1,0 +1,80 @@
+"""Which GPU a rank takes, and the start-up refusal of a GPU config torch cannot serve (CPU tests:
+the CUDA queries are replaced, so they run on any machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core import dist
+from core.config import load_config
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "index"), [
+    (8, 3, 3),  # every process sees the host's GPUs (torchrun): the one at LOCAL_RANK
+    (1, 3, 0),  # each process sees only its own (CUDA_VISIBLE_DEVICES per process): index 0
+    (1, 0, 0),
+])
+def test_each_rank_takes_the_gpu_it_was_given(monkeypatch, visible, local_rank, index):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert dist.gpu_index() == index
+    assert dist.device() == torch.device("cuda", index)
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=3 but this process sees only 2 GPUs "
+                                           r"\(CUDA_VISIBLE_DEVICES=0,1\)"):
+        dist.gpu_index()
+
+
+def _driver(tmp_path, monkeypatch, *, cuda: bool, hidden: bool = False):
+    from train import preflight
+
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05\n")
+    monkeypatch.setattr(preflight, "NVIDIA_DRIVER", version)
+
+    def is_available() -> bool:
+        if not cuda:
+            import warnings
+            warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old", stacklevel=1)
+        return cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    if hidden:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return preflight
+
+
+def test_a_driver_torch_cannot_use_stops_the_run_instead_of_a_silent_cpu_run(tmp_path, monkeypatch):
+    preflight = _driver(tmp_path, monkeypatch, cuda=False)
+    with pytest.raises(preflight.PreflightError) as err:
+        preflight._check_hardware(load_config(None, []))
+    message = str(err.value)
+    assert "has an NVIDIA driver but torch" in message and "driver on your system is too old" in message
+    assert "535.104.05" in message and "CUDA_VISIBLE_DEVICES=" in message and "\n" not in message
+
+
+def test_hiding_the_gpus_on_purpose_trains_on_the_cpu(tmp_path, monkeypatch):
+    preflight = _driver(tmp_path, monkeypatch, cuda=False, hidden=True)
+    preflight._check_hardware(load_config(None, []))  # fp32 on the CPU: allowed
+    with pytest.raises(preflight.PreflightError, match="engine.precision=bf16: mixed precision needs a"):
+        preflight._check_hardware(load_config(None, ["engine.precision=bf16"]))
+    with pytest.raises(preflight.PreflightError, match="cluster.feature_precision=bf16: needs a CUDA GPU"):
+        preflight._check_hardware(load_config(None, ["cluster.feature_precision=bf16"]))
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(tmp_path, monkeypatch):
+    preflight = _driver(tmp_path, monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla V100")
+    preflight._check_hardware(load_config(None, ["engine.precision=fp16"]))
+    with pytest.raises(preflight.PreflightError, match="Tesla V100 has no bf16 support"):
+        preflight._check_hardware(load_config(None, ["engine.precision=bf16"]))
