@@ -17,10 +17,30 @@ import torch.multiprocessing as mp
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _selects_gpu_tests(config) -> bool:
+    """`-m gpu` (or any marker expression that names gpu without negating it)."""
+    expr = config.getoption("markexpr") or ""
+    return "gpu" in expr and "not gpu" not in expr
+
+
+def pytest_configure(config):
+    """The CPU suite hides CUDA from itself and its subprocesses: on a GPU host it would otherwise
+    switch its golden CPU runs, its gloo ranks and its DALI pipelines to the GPU (two ranks on one
+    GPU, cuda:1 on a one-GPU host). GPU tests run only when selected (`pytest -m gpu`)."""
+    if _selects_gpu_tests(config):
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if torch.cuda.is_available():  # CUDA was initialised before this hook: the seal would be a lie
+        raise pytest.UsageError("CUDA was initialised before tests/conftest.py could hide it; "
+                                "run the CPU suite in a fresh process, or select GPU tests with -m gpu")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+    reason = ("needs CUDA and this machine has none" if _selects_gpu_tests(config)
+              else "needs CUDA, which the CPU suite hides: run `pytest -m gpu` on a GPU host")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -3,6 +3,10 @@ the CUDA queries are replaced, so they run on any machine)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -78,3 +82,11 @@ def test_bf16_on_a_gpu_without_it_is_refused(tmp_path, monkeypatch):
     preflight._check_hardware(load_config(None, ["engine.precision=fp16"]))
     with pytest.raises(preflight.PreflightError, match="Tesla V100 has no bf16 support"):
         preflight._check_hardware(load_config(None, ["engine.precision=bf16"]))
+
+
+def test_the_cpu_suite_hides_cuda_from_itself_and_its_subprocesses():
+    """tests/conftest.py's seal: on a GPU host the CPU suite must still run its CPU golden paths."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "0"

@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its continuation without making it a different run: where
 # the folder is, how a restart finds its checkpoint, how often to log, save and evaluate, how many
-# epochs in all (an extension), CPU threads, and how long a collective may wait for a dead rank.
+# epochs in all (an extension), CPU threads, how long a collective may wait for a dead rank, and the
+# hardware-only choices (a run may move between GPU and CPU hosts: the k-means search backend and
+# batch give the same clusters up to float near-ties, cuDNN tuning and memory format the same model).
 _MAY_DIFFER = ("run.output_dir", "run.resume", "run.overwrite", "run.log_every", "run.checkpoint_every",
                "run.keep_last", "run.wandb", "eval", "data.workers", "optim.epochs",
-               "engine.collective_timeout_s")
+               "engine.collective_timeout_s", "engine.cudnn_benchmark", "engine.channels_last",
+               "cluster.search", "cluster.feature_batch_size")
 PREVIOUS_PREFIX = "previous-"
 # Files of a run that `run.overwrite=true` moves out of the way (never deletes).
 _RUN_FILES = (CONFIG_FILE, METRICS_FILE, LOGS_DIR, TENSORBOARD_DIR, CHECKPOINTS_DIR)
