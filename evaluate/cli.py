@@ -27,6 +27,7 @@ from core.cli import EXIT_USER_ERROR, run_cli
 from core.config import INTERPOLATIONS
 from core.errors import first_line
 from core.files import write_text_atomic
+from core.install import check_faiss_build
 from evaluate.checks import ArgumentError
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, so --help and flag errors are fast
@@ -332,6 +333,7 @@ def _preflight(args: argparse.Namespace) -> tuple[dict, StoredRun | None]:
     Order: flag values, output targets, the checkpoint's file, the shard folders and splits, the
     cluster counts against the split's size. Raises one-line user errors naming the flag.
     """
+    check_faiss_build()  # before the imports that load faiss
     from core import dist
     from evaluate import checks
     from evaluate.checkpoints import CheckpointError, check_checkpoint

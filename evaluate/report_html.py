@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
@@ -414,7 +414,7 @@ def render(data: ReportData) -> str:
     colors = class_colors(data.class_names)
     epoch, meta = _header(data)
     clusters = "".join(_cluster(n, data, colors, opened=i < OPEN_SECTIONS) for i, n in enumerate(data.top))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in (
         ("run", "Run config"), ("curves", "Training curves"), ("scores", "Scores"), ("levels", "Levels"),
         ("matrix", "Classes x clusters"), ("map", "Prototype map"), ("clusters", "Top-level clusters")))

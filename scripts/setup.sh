@@ -19,6 +19,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
     # torch/torchvision first, on their own: they come from the machine's local wheel copy.
     "$VENV/bin/pip" install -q -c constraints.txt torch torchvision
+    # DALI's CUDA 12 build (pinned before the move to one CUDA 13 stack) installs the same module
+    # as the CUDA 13 one: remove it first, or the two overwrite each other's files.
+    if "$VENV/bin/pip" show -q nvidia-dali-cuda120 >/dev/null 2>&1; then
+        echo "setup: replacing nvidia-dali-cuda120 with the pinned CUDA 13 build"
+        "$VENV/bin/pip" uninstall -y -q nvidia-dali-cuda120
+    fi
     "$VENV/bin/pip" install -q -c constraints.txt -e ".[dev]"
     # foolbox ships 20 real ImageNet JPEGs the tests read as files; its code is never imported,
     # so none of its dependencies are installed.

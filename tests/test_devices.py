@@ -90,3 +90,22 @@ def test_the_cpu_suite_hides_cuda_from_itself_and_its_subprocesses():
     child = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, check=True)
     assert child.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize(("builds", "words"), [
+    ((), "faiss is not installed; install exactly one build"),
+    (("faiss-cpu", "faiss-gpu"), "faiss-cpu and faiss-gpu are both installed"),
+])
+def test_none_or_both_faiss_builds_stop_the_clis_with_one_line(monkeypatch, builds, words):
+    from core import install
+    from core.cli import UserError
+
+    monkeypatch.setattr(install, "installed", lambda name: name in builds)
+    with pytest.raises(UserError, match=words):
+        install.check_faiss_build()
+
+
+def test_this_environment_has_exactly_one_faiss_build():
+    from core import install
+
+    assert install.check_faiss_build() in install.FAISS_BUILDS

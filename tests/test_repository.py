@@ -127,3 +127,31 @@ def test_readme_layout_table_lists_every_folder():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     folders = {name.split("/")[0] for name in tracked.stdout.split() if "/" in name} - {".ci"}
     assert rows == folders, f"README layout rows {sorted(rows)} vs folders {sorted(folders)}"
+
+
+def test_the_docker_image_is_one_cuda_stack_with_every_package():
+    """The Dockerfile against pyproject.toml and constraints.txt: every package copied, the base
+    image's CUDA major equal to torch's and DALI's, its Python allowed by requires-python."""
+    import tomllib
+
+    docker = (ROOT / "Dockerfile").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = (ROOT / "constraints.txt").read_text()
+    for package in project["tool"]["setuptools"]["packages"]:
+        assert re.search(rf"^COPY {package} {package}$", docker, re.M), f"Dockerfile does not copy {package}/"
+    base_cuda = re.search(r"^FROM nvidia/cuda:(\d+)\.", docker, re.M)
+    assert base_cuda, "the Dockerfile's base is not an nvidia/cuda image"
+    torch_cuda = {m for m in re.findall(r"^nvidia-(?:cudnn|nccl|cusparselt)-cu(\d+)==", pins, re.M)}
+    dali_cuda = re.findall(r"^nvidia-dali-cuda(\d+)0==", pins, re.M)
+    assert torch_cuda == {base_cuda.group(1)} and dali_cuda == [base_cuda.group(1)]
+    dependencies = project["project"]["dependencies"]
+    assert any(d.startswith(f"nvidia-dali-cuda{base_cuda.group(1)}0") for d in dependencies)
+    python = re.search(r"python(3\.\d+)-venv", docker)
+    low, high = re.fullmatch(r">=(3\.\d+),<(3\.\d+)", project["project"]["requires-python"]).groups()
+    version = tuple(int(x) for x in python.group(1).split("."))
+    assert tuple(int(x) for x in low.split(".")) <= version < tuple(int(x) for x in high.split("."))
+    # faiss only through the extras that hold exactly one build each (core/install.py)
+    assert not any(d.startswith("faiss") for d in dependencies)
+    extras = project["project"]["optional-dependencies"]
+    assert [d for d in extras["cpu"] if d.startswith("faiss")] == ["faiss-cpu>=1.8"]
+    assert [d for d in extras["gpu"] if d.startswith("faiss")] == ["faiss-gpu>=1.15"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.cli import run_cli
 from core.config import Config, ConfigError, load_config, to_yaml
+from core.install import check_faiss_build
 from core.runfolder import RunFolder
 from train.checkpoint import CheckpointWriteError
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        check_faiss_build()  # before the imports that load faiss
         from train.loop import run  # heavy imports (DeepSpeed, DALI) only when training
 
         return run(cfg)
