@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cluster.concentration import cluster_sums, concentration
 from cluster.features import agree_dim
-from cluster.kmeans import KMeansResult, assign, kmeans
+from cluster.kmeans import KMeansResult, assign, choose_search, faiss_gpu_problem, kmeans
 from cluster.prototypes import LevelStats, Prototypes
 from core import dist
 from core.config import ClusterConfig
@@ -61,22 +61,27 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
         features: float32 (n_local, d) L2-normalised embeddings (n_local may be 0).
         num_samples: N, the dataset size.
         num_clusters: M_1 > ... > M_L (method.md §2.3: 3000, 2000, 1000).
-        cfg: k-means settings.
+        cfg: k-means settings; `cfg.search` picks the nearest-centroid search (logged once here).
         temperature: T, the mean concentration at every level (method.md §2.4).
         previous: last epoch's result; used only when `cfg.warm_start`.
 
     Returns:
         The prototypes, identical bit for bit on every rank, on `features.device`.
+
+    Raises:
+        ValueError: bad sizes, non-finite features, indices not covering 0..N-1 once;
+            `ConfigError` (a ValueError) when `cfg.search` asks for faiss-gpu where it cannot run.
     """
     device = features.device
+    search = _agree_search(cfg.search, device)
     d = agree_dim(features)
     features = features.reshape(-1, d).float()
     _check_sizes(num_samples, num_clusters)
     _check_finite(features)
     _check_coverage(idx, num_samples)
     inits = _warm_inits(previous, num_clusters, d, cfg)
-    level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0])
-    upper = _from_rank0(level1, num_clusters, cfg, temperature, inits, device)
+    level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0], search)
+    upper = _from_rank0(level1, num_clusters, cfg, temperature, inits, device, search)
     im2cluster = [y1]
     for parent in upper.cluster2cluster:  # method.md §2.3: y^{l+1} = pi_l[y^l]
         im2cluster.append(parent[im2cluster[-1]])
@@ -86,12 +91,13 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
 
 
 def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int, k: int,
-                    cfg: ClusterConfig, init: np.ndarray | None) -> tuple[tuple, torch.Tensor]:
+                    cfg: ClusterConfig, init: np.ndarray | None,
+                    search: str) -> tuple[tuple, torch.Tensor]:
     """Level 1, sharded: k-means, final assignment, reduced concentration sums, gathered y^1."""
     start = time.perf_counter()
     km = kmeans(features, idx, num_samples=num_samples, k=k, seed=0, distributed=True,
-                **_run_args(cfg, init))
-    labels, sq_dist = assign(features, km.centroids)
+                **_run_args(cfg, init, search))
+    labels, sq_dist = assign(features, km.centroids, search)
     counts, sums = cluster_sums(labels, sq_dist, k)
     reduced = dist.all_reduce_sum(torch.cat([counts, sums, sq_dist.double().sum().view(1)]))
     # Placed by dataset index: each rank writes its own rows into zeros and one in-place all-reduce
@@ -106,12 +112,12 @@ def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int,
 
 
 def _from_rank0(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-                inits: list[np.ndarray | None], device: torch.device) -> _UpperLevels:
+                inits: list[np.ndarray | None], device: torch.device, search: str) -> _UpperLevels:
     """Rank 0 computes everything small and broadcasts it (method.md §2.5); errors reach every rank."""
     logits = None
     upper = None
     if dist.is_main():
-        upper = _run_upper(level1, num_clusters, cfg, temperature, inits, device)
+        upper = _run_upper(level1, num_clusters, cfg, temperature, inits, device, search)
         logits, upper.logits = upper.logits, []
     upper = dist.broadcast_object(upper)
     if upper.error:  # raised on rank 0; raise everywhere instead of leaving ranks waiting
@@ -144,7 +150,7 @@ def _broadcast_logits(logits: list[torch.Tensor] | None, num_clusters: list[int]
 
 
 def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-               inits: list[np.ndarray | None], device: torch.device) -> _UpperLevels:
+               inits: list[np.ndarray | None], device: torch.device, search: str) -> _UpperLevels:
     """Rank 0: level-1 concentration, then levels 2..L on the normalised centroids."""
     km, reduced, seconds, warm = level1
     k = num_clusters[0]
@@ -158,8 +164,8 @@ def _run_upper(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, tempe
             ids = torch.arange(x.shape[0], device=device)
             # method.md §2.3: the child centroids are clustered unweighted, seed = 0-based level index
             km = kmeans(x, ids, num_samples=x.shape[0], k=k_next, seed=level - 1, distributed=False,
-                        **_run_args(cfg, inits[level - 1]))
-            parent, sq_dist = assign(x, km.centroids)
+                        **_run_args(cfg, inits[level - 1], search))
+            parent, sq_dist = assign(x, km.centroids, search)
             counts, sums = cluster_sums(parent, sq_dist, k_next)
             _add_level(out, level, km, counts.cpu(), sums.cpu(), temperature,
                        time.perf_counter() - start, float(sq_dist.double().sum()),
@@ -188,13 +194,28 @@ def _add_level(out: _UpperLevels, level: int, km: KMeansResult, counts: torch.Te
         iterations=km.iterations, searched=km.searched, warm=warm))
 
 
-def _run_args(cfg: ClusterConfig, init: np.ndarray | None) -> dict[str, Any]:
+def _agree_search(search: str, device: torch.device) -> str:
+    """The search backend every rank uses, logged once (`kmeans.choose_search`); collective.
+
+    Ranks check faiss-gpu on their own GPU and share what they found, so that auto picks one
+    backend for all of them and an explicit faiss-gpu that fails on any rank stops every rank with
+    the same error, instead of leaving the others waiting in a collective.
+    """
+    mine = faiss_gpu_problem(device) if search in ("auto", "faiss-gpu") else None
+    problems = [f"rank {r}: {p}" if dist.world() > 1 else p
+                for r, p in enumerate(dist.all_gather_object(mine)) if p is not None]
+    backend, why = choose_search(search, device, problems[0] if problems else None)
+    log.info("clustering: nearest-centroid search with %s (%s)", backend, why)
+    return backend
+
+
+def _run_args(cfg: ClusterConfig, init: np.ndarray | None, search: str) -> dict[str, Any]:
     """faiss settings for one level; a warm start runs one restart of `warm_start_niter`."""
     return {"niter": cfg.warm_start_niter if init is not None else cfg.niter,
             "nredo": 1 if init is not None else cfg.nredo, "init": init,
             "max_points_per_centroid": cfg.max_points_per_centroid,
             "min_points_per_centroid": cfg.min_points_per_centroid, "spherical": cfg.spherical,
-            "prune": cfg.prune}
+            "prune": cfg.prune, "search": search}
 
 
 def _warm_inits(previous: Prototypes | None, num_clusters: list[int], d: int,
