@@ -6,19 +6,28 @@ all-reduce and no duplicate summing (the official code's "norm > 1.5, divide by 
 needed). A rank whose share is empty (more ranks than batches) gets a (0, d) tensor with the width
 the other ranks found, so every later collective sees consistent shapes. `gather_by_idx`
 assembles a whole split in dataset order where a command needs it on every rank.
+
+The embedding runs under `torch.inference_mode` (no autograd bookkeeping at all); the returned
+tensors are made outside it, so they are ordinary tensors that later code may modify in place or
+use in autograd. For clustering (`split_features(..., cluster=cfg.cluster)`) the pass may use a
+larger batch (`cluster.feature_batch_size`; the caller's eval-mode BatchNorm makes each row's
+embedding independent of its batch) and bf16 autocast on CUDA (`cluster.feature_precision`); the
+features stay fp32 either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from core import dist
-from core.config import DataConfig
+from core.config import FEATURE_PRECISIONS, ClusterConfig, ConfigError, DataConfig
 from core.logs import progress
 from pipeline import build_loader
 from pipeline.batch import Batch
@@ -48,7 +57,8 @@ class SplitFeatures:
 
 @torch.no_grad()
 def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int | None = None,
-                     normalize: bool = False, desc: str = "features") -> SplitFeatures:
+                     normalize: bool = False, desc: str = "features",
+                     precision: str = "fp32") -> SplitFeatures:
     """Embed the first view of every batch on this rank; call on every rank (one collective).
 
     The caller sets eval mode: clustering passes `HCSC.embed_momentum` (the momentum encoder with
@@ -60,14 +70,16 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
         num_batches: batches to read (also the progress-bar total); None reads to the end.
         normalize: L2-normalise every row (clustering and the cluster evaluation do).
         desc: progress-bar label.
+        precision: "fp32", or "bf16" (autocast of `embed`; CUDA only); the rows come back fp32.
 
     Returns:
         `SplitFeatures` on the device that computed them (`dist.device()` for an empty rank).
 
     Raises:
         ValueError: when an embedding row is NaN or infinite (names how many), or no rank
-            saw any row.
+            saw any row; `ConfigError` (a ValueError) for bf16 without CUDA.
     """
+    autocast = _autocast(precision)
     idx_parts: list[torch.Tensor] = []
     feat_parts: list[torch.Tensor] = []
     cls_parts: list[torch.Tensor] = []
@@ -75,7 +87,10 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
         num_batches = len(loader)  # type: ignore[arg-type]
     batches = loader if num_batches is None else itertools.islice(loader, num_batches)
     for batch in progress(batches, total=num_batches, desc=desc):
-        feats = embed(batch.views[0]).float()
+        with torch.inference_mode(), autocast:
+            feats = embed(batch.views[0])
+        # inference tensors; `torch.cat` below, outside inference mode, makes ordinary ones of them
+        feats = feats.float()
         if feats.ndim != 2 or feats.shape[0] != len(batch):
             raise ValueError(f"extract_features: embed returned shape {tuple(feats.shape)} for "
                              f"{len(batch)} samples; expected (batch, dim)")
@@ -101,7 +116,8 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
 
 
 def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0, seed: int = 0,
-                   normalize: bool = False, desc: str | None = None) -> SplitFeatures:
+                   normalize: bool = False, desc: str | None = None,
+                   cluster: ClusterConfig | None = None) -> SplitFeatures:
     """`extract_features` over the eval loader of `split` (resize + center crop, no randomness).
 
     Args:
@@ -112,16 +128,51 @@ def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0
             only names the plan).
         normalize: L2-normalise every row.
         desc: progress-bar label (default "features <split>").
+        cluster: the clustering pass's settings: `feature_batch_size` images per rank per step
+            (0 = 4 x `data.eval_batch_size`) and `feature_precision`. None (the kNN monitor, the
+            evaluations): `data.eval_batch_size` in fp32.
     """
+    precision = "fp32"
+    if cluster is not None:
+        data = dataclasses.replace(data, eval_batch_size=feature_batch_size(cluster, data))
+        precision = cluster.feature_precision
+    _autocast(precision)  # a refused precision stops before the loader starts its workers
     info = split_info(data.shards, split)
     loader = build_loader(data, split=split, mode="eval", rank=dist.rank(), world=dist.world(),
                           epoch=epoch, seed=seed, device=dist.device())
     try:
-        out = extract_features(embed, loader, normalize=normalize, desc=desc or f"features {split}")
+        out = extract_features(embed, loader, normalize=normalize, desc=desc or f"features {split}",
+                               precision=precision)
     finally:
         loader.close()
     out.class_names = list(info.class_names)
     return out
+
+
+def feature_batch_size(cluster: ClusterConfig, data: DataConfig) -> int:
+    """Images per rank per step of the clustering feature pass (`cluster.feature_batch_size`).
+
+    0 means 4 x `data.eval_batch_size`: the pass keeps no activations for a backward, so it fits
+    several eval batches in the memory of one training step, and fewer, larger steps keep the GPU
+    busier.
+    """
+    return cluster.feature_batch_size or 4 * data.eval_batch_size
+
+
+def _autocast(precision: str) -> AbstractContextManager:
+    """The autocast region of the feature pass for `cluster.feature_precision` = `precision`."""
+    if precision not in FEATURE_PRECISIONS:
+        raise ConfigError(f"cluster.feature_precision: must be one of {FEATURE_PRECISIONS}, "
+                          f"got {precision!r}")
+    if precision == "fp32":
+        return nullcontext()
+    device = dist.device()
+    if device.type != "cuda":
+        # refused rather than ignored: CPU bf16 autocast is slow on most CPUs and would change
+        # the features without a GPU to gain from it
+        raise ConfigError(f"cluster.feature_precision: bf16 needs CUDA (autocast on the GPU), but this "
+                          f"rank computes on {device}; set cluster.feature_precision=fp32")
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
 
 def agree_dim(feats: torch.Tensor) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from cluster.features import extract_features
+from cluster.features import extract_features, split_features
+from core.config import ClusterConfig, ConfigError, DataConfig
 from pipeline.batch import Batch
 
 
@@ -89,3 +92,90 @@ def test_non_finite_embeddings_are_counted():
 
     with pytest.raises(ValueError, match="2 of 7 embeddings on rank 0 are NaN or infinite"):
         extract_features(embed, _loader([4, 3]))
+
+
+def test_embedding_runs_in_inference_mode_and_the_rows_are_ordinary_tensors():
+    modes = []
+
+    def embed(views):
+        modes.append(torch.is_inference_mode_enabled())
+        return views[:, :5] * 2.0
+
+    found = extract_features(embed, _loader([4, 3]), normalize=True)
+    assert modes == [True, True]
+    assert not found.feats.is_inference() and not found.idx.is_inference()
+    # later code may change them in place and use them in autograd (an inference tensor can do neither)
+    weight = torch.ones(5, requires_grad=True)
+    (found.feats @ weight).sum().backward()
+    found.feats.mul_(2.0)
+    torch.testing.assert_close(weight.grad, found.feats.sum(dim=0) / 2.0)
+
+
+def test_bf16_without_cuda_is_refused_with_the_key_to_change():
+    with pytest.raises(ConfigError, match=r"^cluster.feature_precision: bf16 needs CUDA .* on cpu; set "
+                                          r"cluster.feature_precision=fp32$"):
+        extract_features(_Embed(), _loader([4]), precision="bf16")
+
+
+class _FakeLoader:
+    """The eval loader's contract over 13 fixed rows, in batches of the config's eval batch size."""
+
+    def __init__(self, data, **_):
+        self.batch = data.eval_batch_size
+        self.views = torch.randn(13, 12, generator=torch.Generator().manual_seed(1))
+        self.closed = False
+
+    def __len__(self):
+        return -(-13 // self.batch)
+
+    def __iter__(self):
+        for start in range(0, 13, self.batch):
+            idx = torch.arange(start, min(start + self.batch, 13))
+            yield Batch([self.views[idx]], idx, idx % 3)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_split(monkeypatch):
+    """Patches the loader and the manifest; returns the list of loaders built."""
+    import cluster.features as features
+
+    built = []
+
+    def build_loader(data, **kwargs):
+        built.append(_FakeLoader(data, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(features, "build_loader", build_loader)
+    monkeypatch.setattr(features, "split_info", lambda shards, split: SimpleNamespace(class_names=["a"]))
+    return built
+
+
+def _bn_embed():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 5))
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()  # the caller's eval mode: BatchNorm uses its running statistics
+
+
+def test_clustering_pass_uses_cluster_feature_batch_size_and_gives_the_same_rows(fake_split):
+    data = DataConfig(eval_batch_size=2)
+    embed = _bn_embed()
+    plain = split_features(embed, data, "train", normalize=True)
+    default = split_features(embed, data, "train", normalize=True, cluster=ClusterConfig())
+    chosen = split_features(embed, data, "train", normalize=True, cluster=ClusterConfig(feature_batch_size=5))
+    assert [loader.batch for loader in fake_split] == [2, 8, 5]  # 0 = 4 x data.eval_batch_size
+    assert all(loader.closed for loader in fake_split)
+    for found in (default, chosen):
+        assert torch.equal(found.idx, plain.idx) and found.class_names == ["a"]
+        torch.testing.assert_close(found.feats, plain.feats)  # eval-mode BN: the batch changes nothing
+
+
+def test_clustering_pass_refuses_bf16_without_cuda_before_reading_data(fake_split):
+    with pytest.raises(ConfigError, match="cluster.feature_precision: bf16 needs CUDA"):
+        split_features(_bn_embed(), DataConfig(), "train", cluster=ClusterConfig(feature_precision="bf16"))
+    assert fake_split == []

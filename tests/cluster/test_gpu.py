@@ -89,3 +89,31 @@ def test_faiss_gpu_resources_are_created_once_per_device():
     second = km.Searcher(16, torch.device("cuda", 0), "faiss-gpu")
     assert first.backend == second.backend == "faiss-gpu"
     assert list(km._GPU_RESOURCES) == [0]
+
+
+def test_bf16_feature_pass_autocasts_on_cuda_and_returns_fp32():
+    from cluster.features import extract_features
+    from pipeline.batch import Batch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32))
+    net = net.cuda().eval()
+    seen = []
+
+    def embed(views):
+        out = net(views)
+        seen.append((torch.is_autocast_enabled("cuda"), out.dtype))
+        return out
+
+    views = torch.randn(96, 64, device="cuda")
+
+    def loader():
+        for start in range(0, 96, 32):
+            idx = torch.arange(start, start + 32, device="cuda")
+            yield Batch([views[idx]], idx, idx % 3)
+
+    fp32 = extract_features(embed, loader(), normalize=True)
+    bf16 = extract_features(embed, loader(), normalize=True, precision="bf16")
+    assert seen == [(False, torch.float32)] * 3 + [(True, torch.bfloat16)] * 3
+    assert bf16.feats.dtype == torch.float32 and bf16.feats.is_cuda
+    torch.testing.assert_close(bf16.feats, fp32.feats, rtol=0, atol=3e-2)  # bf16: ~3 significant digits
