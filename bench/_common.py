@@ -74,6 +74,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def contiguous_shares(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous (start, stop) ranges covering 0..n-1 once, sizes differing by at most one:
+    how a user splits a job over processes by hand."""
+    return [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
+
+
 def git_state(paths: Sequence[str] = ()) -> dict[str, Any]:
     """HEAD and whether `paths` (default: everything) differ from it; {} outside a git checkout."""
     try:

@@ -97,11 +97,6 @@ def _pack(files: list[tuple[Path, int]], first: int, out: Path, prefix: str, per
                 sink.write({"__key__": f"{i:012d}", "jpg": path.read_bytes(), "cls": cls})
 
 
-def shares(n: int, parts: int) -> list[tuple[int, int]]:
-    """`parts` contiguous (start, stop) ranges covering 0..n-1 once, sizes differing by at most one."""
-    return [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
-
-
 def naive(root: Path, out: Path, per_shard: int, processes: int = 1) -> tuple[float, int]:
     """(images/s, images) of the naive packer in `processes` processes (1: in this process)."""
     start = time.perf_counter()
@@ -110,7 +105,7 @@ def naive(root: Path, out: Path, per_shard: int, processes: int = 1) -> tuple[fl
         _pack(files, 0, out, "naive", per_shard)
     else:
         jobs = [(files[a:b], a, out, f"naive{p}", per_shard)
-                for p, (a, b) in enumerate(shares(len(files), processes))]
+                for p, (a, b) in enumerate(common.contiguous_shares(len(files), processes))]
         # the start method our builder uses (fork on Linux), so neither side pays more to start
         with multiprocessing.get_context(start_method()).Pool(processes) as pool:
             pool.starmap(_pack, jobs)
