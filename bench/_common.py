@@ -106,6 +106,8 @@ def source_files(folders: Iterable[str], root: Path = ROOT, suffix: str = ".py")
     on disk.
     """
     folders = list(folders)
+    if not folders:  # git ls-files with no path lists the whole repository
+        return []
     try:
         listed = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *folders,
                       root=root).split("\0")
@@ -181,6 +183,21 @@ class ResultFile:
         why = "the code changed while it ran" if changed_during else "the code or settings changed since"
         return (f"{name}: STALE, not a result of the code as it is now ({why}): measured with key "
                 f"{str(record.get('key'))[:16]}, now {key[:16]}, written {when}; it must be rerun")
+
+
+def record_run(name: str, key: str, code: tuple[Sequence[str], Sequence[str]], params: dict,
+               record: dict) -> bool:
+    """Store a finished run's `record` as bench/results/<name>.json with `key` (the code key taken
+    when the run started) and the key of now; True when the two agree. A bench prints its JSON lines
+    only then: figures measured while the code changed belong to no version of it."""
+    store = ResultFile(RESULTS / f"{name}.json")
+    key_at_end = code_key(*code, extra=params)
+    store.write({**record, "key": key, "key_at_end": key_at_end, "git": git_state(code[0])})
+    print(store.describe(key_at_end), flush=True)
+    if store.status(key_at_end) != "current":
+        print("the code changed while this ran: the record is stored but STALE; run it again", flush=True)
+        return False
+    return True
 
 
 def _display(path: Path) -> str:

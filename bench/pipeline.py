@@ -312,12 +312,9 @@ def main() -> None:
             run = ours(c, aa)
             print(f"profile: {name}: {run.rate:.1f} images/s, {run.cpu_ms:.2f} CPU ms/image", flush=True)
     records.sort(key=lambda r: r["row"] == "two_views")  # the headline is the last line
-    if args.full:
-        store = common.ResultFile(common.RESULTS / "pipeline.json")
-        store.write({"bench": "pipeline", "key": key, "key_at_end": common.code_key(*CODE, extra=params),
-                     "command": common.command(), "machine": host, "git": common.git_state(CODE[0]),
-                     "records": records})
-        print(store.describe(key), flush=True)
+    record = {"bench": "pipeline", "command": common.command(), "machine": host, "records": records}
+    if args.full and not common.record_run("pipeline", key, CODE, params, record):
+        return
     for rec in records:
         print(json.dumps(rec), flush=True)
 

@@ -193,12 +193,9 @@ def main() -> None:
             "images_per_s": {k: round(v, 1) for k, v in med.items()},
             "cpu_us_per_image": {k: round(v, 1) for k, v in cpu.items()},
             **params, "command": common.command(), "machine": host})
-    if args.full:
-        store = common.ResultFile(common.RESULTS / "shards.json")
-        store.write({"bench": "shards", "key": key, "key_at_end": common.code_key(*CODE, extra=params),
-                     "command": common.command(), "machine": host, "git": common.git_state(CODE[0]),
-                     "records": records})
-        print(store.describe(key), flush=True)
+    record = {"bench": "shards", "command": common.command(), "machine": host, "records": records}
+    if args.full and not common.record_run("shards", key, CODE, params, record):
+        return
     for rec in records:  # the equal-work comparison is the last line, the headline
         print(json.dumps(rec), flush=True)
 

@@ -282,3 +282,15 @@ def test_a_run_during_which_the_code_changed_is_stored_stale(monkeypatch, tmp_pa
     assert common.ResultFile(tmp_path / "quality-quick.json").status("2" * 64) == "stale"
     assert any(line.startswith("STALE | hcsc") for line in out)
     assert not any(line.startswith("{") for line in out)  # no headline to take as current
+
+
+def test_record_run_stores_the_key_and_says_whether_the_code_held_still(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    code = ([], ["bench/_common.py"])  # no folders: only the named file (not the whole repository)
+    now = common.code_key(*code, extra={"n": 1})
+    assert common.record_run("b", now, code, {"n": 1}, {"records": [1]})
+    stored = json.loads((tmp_path / "b.json").read_text())
+    assert stored["key"] == stored["key_at_end"] == now and stored["records"] == [1]
+    assert not common.record_run("b", "0" * 64, code, {"n": 1}, {"records": [2]})
+    assert "STALE" in capsys.readouterr().out
+    assert common.ResultFile(tmp_path / "b.json").status(now) == "stale"
