@@ -30,7 +30,7 @@ own spawned process; memory is that process's peak RSS (`resource.getrusage(RUSA
 and its increment over the RSS measured after imports and process-group setup, before any data
 exists (the increment is what clustering itself holds). Time excludes data generation.
 
-Usage: python bench/cluster.py            (about 2 min on 2 cores)
+Usage: python bench/cluster.py            (about 1 min on 2 cores)
        python bench/cluster.py --full     (N=200k, 3000/2000/1000, niter 20, nredo 5)
        --prune-ablation adds ours on 1 rank with cluster.prune=false (every row searched).
 Last line: one JSON object (docs/architecture.md#benchmarks) with baseline_desc, equal_work, the
