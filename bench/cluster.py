@@ -22,8 +22,8 @@ Sizes. Quick (default): N = 20k into 2000/200/20, nredo 2. Level l+1 clusters th
 level l, so these sizes give 10 rows per centroid at every level (faiss's own minimum: fewer, and
 k-means of the upper levels is mostly deciding ties). `--full`: N = 200k into 3000/2000/1000,
 nredo 5, the recorded numbers (levels 2-3 then have 1.5 and 2 rows per centroid, as in the
-official runs); it also writes bench/results/cluster.json keyed by the code it measured
-(bench/_common.py).
+official runs); it also stores them in bench/results/cluster.json keyed by the code it measured
+(bench/_common.py `record_run`), and prints no JSON line when the code changed while it ran.
 
 Features: N random unit vectors in 128-d around 1000 planted directions. Every run happens in its
 own spawned process; memory is that process's peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`)
@@ -350,9 +350,9 @@ def main() -> None:
         if "cold_seconds" in one:
             summary["warm_cold_s"] = round(one["cold_seconds"], 2)
             summary["warm_cold_objective_l1"] = one["cold_objective"][0]
-    if args["mode"] == "full":
-        summary["key_at_end"] = common.code_key(*CODE, extra=args)
-        common.ResultFile(common.RESULTS / "cluster.json").write(summary)
+    # --full: stored with the code key; figures measured while the code changed print no JSON line
+    if args["mode"] == "full" and not common.record_run("cluster", key, CODE, args, summary):
+        return
     print(json.dumps(summary), flush=True)
 
 
