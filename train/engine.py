@@ -97,7 +97,7 @@ def _tune_for_cuda(model: torch.nn.Module, cfg: Config) -> None:
         return
     torch.backends.cudnn.benchmark = cfg.engine.cudnn_benchmark
     if cfg.engine.channels_last and cfg.engine.zero_stage == 0:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     elif cfg.engine.channels_last:
         log.info("engine.channels_last: off with ZeRO %d (its flat parameter buffer is NCHW)",
                  cfg.engine.zero_stage)

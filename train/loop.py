@@ -147,7 +147,8 @@ def _cluster(model, cfg: Config, epoch: int, inputs: preflight.RunInputs, point:
     model.eval()
     try:
         found = split_features(model.embed_momentum, cfg.data, cfg.data.train_split, epoch=epoch,
-                               seed=cfg.run.seed, normalize=True, desc=f"features epoch {epoch}")
+                               seed=cfg.run.seed, normalize=True, desc=f"features epoch {epoch}",
+                               cluster=cfg.cluster)
     finally:
         model.train()
     timings["features_s"] = time.perf_counter() - start

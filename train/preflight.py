@@ -155,7 +155,7 @@ def _cuda_usable() -> tuple[bool, str]:
     if usable or hidden or not NVIDIA_DRIVER.exists():
         return usable, ""
     driver = NVIDIA_DRIVER.read_text(errors="replace").splitlines()[:1]
-    reason = first_line(caught[0].message) if caught else "torch.cuda.is_available() is False"
+    reason = first_line(Warning(caught[0].message)) if caught else "torch.cuda.is_available() is False"
     return False, f"{reason} ({driver[0].strip() if driver else 'driver version unknown'})"
 
 
