@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from core import dist
 from core.config import FEATURE_PRECISIONS, ClusterConfig, ConfigError, DataConfig
+from core.errors import StopCheck, stop_if_requested
 from core.logs import progress
 from pipeline import build_loader
 from pipeline.batch import Batch
@@ -58,7 +59,7 @@ class SplitFeatures:
 @torch.no_grad()
 def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int | None = None,
                      normalize: bool = False, desc: str = "features",
-                     precision: str = "fp32") -> SplitFeatures:
+                     precision: str = "fp32", should_stop: StopCheck | None = None) -> SplitFeatures:
     """Embed the first view of every batch on this rank; call on every rank (one collective).
 
     The caller sets eval mode: clustering passes `HCSC.embed_momentum` (the momentum encoder with
@@ -71,6 +72,8 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
         normalize: L2-normalise every row (clustering and the cluster evaluation do).
         desc: progress-bar label.
         precision: "fp32", or "bf16" (autocast of `embed`; CUDA only); the rows come back fp32.
+        should_stop: a collective stop check, asked after every batch (every rank reads the same
+            number of batches); `StopRequested` on every rank when it says stop.
 
     Returns:
         `SplitFeatures` on the device that computed them (`dist.device()` for an empty rank).
@@ -97,6 +100,7 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
         feat_parts.append(feats)
         idx_parts.append(batch.idx.to(device=feats.device, dtype=torch.int64))
         cls_parts.append(batch.cls.to(device=feats.device, dtype=torch.int64))
+        stop_if_requested(should_stop, desc)
     mine = (sum(p.shape[0] for p in feat_parts), feat_parts[0].shape[1] if feat_parts else None)
     everyone = dist.all_gather_object(mine)
     dim = _one_width([d for n, d in everyone if n])
@@ -117,7 +121,8 @@ def extract_features(embed: Embed, loader: Iterable[Batch], *, num_batches: int 
 
 def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0, seed: int = 0,
                    normalize: bool = False, desc: str | None = None,
-                   cluster: ClusterConfig | None = None) -> SplitFeatures:
+                   cluster: ClusterConfig | None = None,
+                   should_stop: StopCheck | None = None) -> SplitFeatures:
     """`extract_features` over the eval loader of `split` (resize + center crop, no randomness).
 
     Args:
@@ -131,6 +136,7 @@ def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0
         cluster: the clustering pass's settings: `feature_batch_size` images per rank per step
             (0 = 4 x `data.eval_batch_size`) and `feature_precision`. None (the kNN monitor, the
             evaluations): `data.eval_batch_size` in fp32.
+        should_stop: as in `extract_features`.
     """
     precision = "fp32"
     if cluster is not None:
@@ -142,7 +148,7 @@ def split_features(embed: Embed, data: DataConfig, split: str, *, epoch: int = 0
                           epoch=epoch, seed=seed, device=dist.device())
     try:
         out = extract_features(embed, loader, normalize=normalize, desc=desc or f"features {split}",
-                               precision=precision)
+                               precision=precision, should_stop=should_stop)
     finally:
         loader.close()
     out.class_names = list(info.class_names)

@@ -25,6 +25,7 @@ from cluster.kmeans import KMeansResult, assign, choose_search, faiss_gpu_proble
 from cluster.prototypes import LevelStats, Prototypes
 from core import dist
 from core.config import ClusterConfig
+from core.errors import StopCheck, first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ class _UpperLevels:
     logits: list[torch.Tensor] = field(default_factory=list)
     stats: list[LevelStats] = field(default_factory=list)
     error: str = ""  # a ValueError's message on rank 0, raised on every rank
+    fatal: bool = False  # `error` is another failure of rank 0's (the others raise RuntimeError)
 
 
 def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_samples: int,
                         num_clusters: list[int], cfg: ClusterConfig, temperature: float,
-                        previous: Prototypes | None = None) -> Prototypes:
+                        previous: Prototypes | None = None,
+                        should_stop: StopCheck | None = None) -> Prototypes:
     """Cluster the features of all ranks into `len(num_clusters)` levels; call on every rank.
 
     Args:
@@ -64,6 +67,8 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
         cfg: k-means settings; `cfg.search` picks the nearest-centroid search (logged once here).
         temperature: T, the mean concentration at every level (method.md §2.4).
         previous: last epoch's result; used only when `cfg.warm_start`.
+        should_stop: a collective stop check, asked after every level-1 iteration (the long,
+            sharded part); `StopRequested` on every rank when it says stop.
 
     Returns:
         The prototypes, identical bit for bit on every rank, on `features.device`.
@@ -71,6 +76,9 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
     Raises:
         ValueError: bad sizes, non-finite features, indices not covering 0..N-1 once;
             `ConfigError` (a ValueError) when `cfg.search` asks for faiss-gpu where it cannot run.
+        RuntimeError: on ranks > 0 when rank 0 failed in the levels it computes alone (rank 0
+            raises its own error): they learn it at once instead of waiting for the collective
+            timeout.
     """
     device = features.device
     search = _agree_search(cfg.search, device)
@@ -80,7 +88,8 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
     _check_finite(features)
     _check_coverage(idx, num_samples)
     inits = _warm_inits(previous, num_clusters, d, cfg)
-    level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0], search)
+    level1, y1 = _cluster_images(idx, features, num_samples, num_clusters[0], cfg, inits[0], search,
+                                 should_stop)
     upper = _from_rank0(level1, num_clusters, cfg, temperature, inits, device, search)
     im2cluster = [y1]
     for parent in upper.cluster2cluster:  # method.md §2.3: y^{l+1} = pi_l[y^l]
@@ -91,12 +100,12 @@ def hierarchical_kmeans(idx: torch.Tensor, features: torch.Tensor, *, num_sample
 
 
 def _cluster_images(idx: torch.Tensor, features: torch.Tensor, num_samples: int, k: int,
-                    cfg: ClusterConfig, init: np.ndarray | None,
-                    search: str) -> tuple[tuple, torch.Tensor]:
+                    cfg: ClusterConfig, init: np.ndarray | None, search: str,
+                    should_stop: StopCheck | None) -> tuple[tuple, torch.Tensor]:
     """Level 1, sharded: k-means, final assignment, reduced concentration sums, gathered y^1."""
     start = time.perf_counter()
     km = kmeans(features, idx, num_samples=num_samples, k=k, seed=0, distributed=True,
-                **_run_args(cfg, init, search))
+                should_stop=should_stop, **_run_args(cfg, init, search))
     labels, sq_dist = assign(features, km.centroids, search)
     counts, sums = cluster_sums(labels, sq_dist, k)
     reduced = dist.all_reduce_sum(torch.cat([counts, sums, sq_dist.double().sum().view(1)]))
@@ -116,11 +125,20 @@ def _from_rank0(level1: tuple, num_clusters: list[int], cfg: ClusterConfig, temp
     """Rank 0 computes everything small and broadcasts it (method.md §2.5); errors reach every rank."""
     logits = None
     upper = None
+    failure: BaseException | None = None
     if dist.is_main():
-        upper = _run_upper(level1, num_clusters, cfg, temperature, inits, device, search)
+        try:
+            upper = _run_upper(level1, num_clusters, cfg, temperature, inits, device, search)
+        except Exception as err:  # noqa: BLE001 -- any failure (a CUDA error too) goes to every rank first
+            failure = err
+            upper = _UpperLevels(error=f"{type(err).__name__}: {first_line(err)}", fatal=True)
         logits, upper.logits = upper.logits, []
     upper = dist.broadcast_object(upper)
-    if upper.error:  # raised on rank 0; raise everywhere instead of leaving ranks waiting
+    if failure is not None:
+        raise failure  # rank 0: its own error, with its traceback for the log
+    if upper.fatal:  # the other ranks would otherwise wait in the next collective until its timeout
+        raise RuntimeError(f"clustering failed on rank 0: {upper.error}")
+    if upper.error:  # a ValueError on rank 0 (bad data or settings): the same error on every rank
         raise ValueError(upper.error)
     for key in ("centroids", "density", "cluster2cluster", "raw_centroids"):
         setattr(upper, key, [t.to(device) for t in getattr(upper, key)])

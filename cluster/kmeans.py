@@ -55,7 +55,7 @@ import torch
 from cluster import faiss_compat
 from core import dist
 from core.config import SEARCHES, ConfigError
-from core.errors import first_line
+from core.errors import StopCheck, first_line, stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,8 @@ def assign(x: torch.Tensor, centroids: np.ndarray,
 def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, niter: int, nredo: int,
            seed: int, max_points_per_centroid: int, min_points_per_centroid: int,
            spherical: bool = False, init: np.ndarray | None = None,
-           distributed: bool = True, prune: bool = True, search: str = "auto") -> KMeansResult:
+           distributed: bool = True, prune: bool = True, search: str = "auto",
+           should_stop: StopCheck | None = None) -> KMeansResult:
     """k-means of the rows of all ranks; call on every rank (collectives inside when distributed).
 
     Args:
@@ -480,6 +481,8 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
             as searching every row). Only with the faiss-cpu backend (its bounds use faiss's
             k-nearest search on the host).
         search: a `cluster.search` value (`choose_search`; the caller logs the choice).
+        should_stop: a collective stop check asked after every Lloyd iteration (every rank runs
+            the same iterations); `StopRequested` on every rank when it says stop.
 
     Raises:
         ValueError: fewer rows than clusters; `ConfigError` (a ValueError) for a search backend
@@ -516,6 +519,7 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, *, num_samples: int, k: int, nite
             centroids, objective, splits, labels, changed = _lloyd_step(x, dis, lab, k, n, reduce,
                                                                         spherical, labels, local)
             nsplit, done = nsplit + splits, done + 1
+            stop_if_requested(should_stop, "k-means")
             if changed == 0:
                 # No row changed cluster: the update is a deterministic function of the assignment,
                 # so every remaining iteration would reproduce these centroids bit for bit (faiss

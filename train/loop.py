@@ -1,6 +1,6 @@
 """The training recipe. Each stage is a comment and one call into a package:
 clustering when due -> learning rate -> batches through the engine -> log -> kNN monitor ->
-checkpoint when due (and on SIGTERM/SIGINT) -> final evaluation."""
+checkpoint when due (and on SIGTERM/SIGINT, during training or clustering) -> final evaluation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cluster.features import gather_by_idx, split_features
 from cluster.hierarchy import hierarchical_kmeans
 from core import dist, faults
 from core.config import Config, global_batch, to_yaml
+from core.errors import StopRequested
 from core.logs import MetricsWriter, config_dict, progress, read_records, setup_logging
 from model.checkpoint_io import official_state_dict
 from model.hcsc import HCSC
@@ -61,10 +62,10 @@ def _run(cfg: Config, inputs: preflight.RunInputs, run_dir: Path) -> int:
 
 def _train(cfg: Config, inputs: preflight.RunInputs, run_dir: Path, engine: Engine,
            point: checkpoint.ResumePoint, metrics: MetricsWriter) -> int:
+    stop = rundir.StopFlag()
     _start_summary(cfg, inputs, engine, point, metrics)
     if point.global_step == 0 and cfg.data.val_split:  # the untrained encoder, for comparison
         metrics.write("init", 0, monitor.evaluate(engine.module, cfg, epoch=0, with_nmi=True))
-    stop = rundir.StopFlag()
     eta = records.Eta(cfg.optim.epochs)
     for epoch in range(point.epoch, cfg.optim.epochs):
         epoch_start = time.perf_counter()
@@ -73,8 +74,14 @@ def _train(cfg: Config, inputs: preflight.RunInputs, run_dir: Path, engine: Engi
         prototypes = point.prototypes if point.batch_in_epoch else None
         timings: dict[str, float] = {}
         if cfg.hcsc.enabled and epoch >= cfg.hcsc.warmup_epochs and prototypes is None:
-            prototypes = _cluster(engine.module, cfg, epoch, inputs, point, metrics, timings,
-                                  previous=point.prototypes)
+            try:
+                prototypes = _cluster(engine.module, cfg, epoch, inputs, point, metrics, timings,
+                                      previous=point.prototypes, stop=stop)
+            except StopRequested:  # minutes of clustering must not outlast the launcher's grace period
+                _save(engine, cfg, point)  # the epoch's start: a resume clusters again
+                log.info("stopped by %s during the clustering of epoch %d; resume with run.resume=auto",
+                         stop.signal_name or "a signal to another rank", epoch)
+                return 0
         point.prototypes = prototypes
         engine.set_lr(lr_at(cfg, epoch, dist.world()))
         meter = records.EpochMeter()
@@ -83,7 +90,7 @@ def _train(cfg: Config, inputs: preflight.RunInputs, run_dir: Path, engine: Engi
             _save(engine, cfg, point)
         if stopped:
             log.info("stopped by %s at epoch %d batch %d; resume with run.resume=auto",
-                     stop.signal_name or "signal", point.epoch, point.batch_in_epoch)
+                     stop.signal_name or "a signal to another rank", point.epoch, point.batch_in_epoch)
             return 0
         if cfg.data.val_split and cfg.eval.knn_every and (epoch + 1) % cfg.eval.knn_every == 0:
             knn = monitor.evaluate(engine.module, cfg, epoch=epoch)
@@ -140,21 +147,27 @@ def _resume(engine: Engine, path: Path | None) -> checkpoint.ResumePoint:
 
 
 def _cluster(model, cfg: Config, epoch: int, inputs: preflight.RunInputs, point: checkpoint.ResumePoint,
-             metrics: MetricsWriter, timings: dict[str, float], previous):
+             metrics: MetricsWriter, timings: dict[str, float], previous, stop: rundir.StopFlag):
     """Momentum-encoder features of the train split (exactly once across ranks) -> hierarchy, and
-    its `cluster` records (with NMI and purity when the shards carry labels)."""
+    its `cluster` records (with NMI and purity when the shards carry labels).
+
+    Raises:
+        StopRequested: on every rank when any rank got SIGTERM/SIGINT (asked after every feature
+            batch and every level-1 k-means iteration)."""
     start = time.perf_counter()
+    faults.clustering_starts(dist.rank(), epoch)
     model.eval()
     try:
         found = split_features(model.embed_momentum, cfg.data, cfg.data.train_split, epoch=epoch,
                                seed=cfg.run.seed, normalize=True, desc=f"features epoch {epoch}",
-                               cluster=cfg.cluster)
+                               cluster=cfg.cluster, should_stop=stop.any_rank)
     finally:
         model.train()
     timings["features_s"] = time.perf_counter() - start
     prototypes = hierarchical_kmeans(found.idx, found.feats, num_samples=inputs.train.num_samples,
                                      num_clusters=cfg.hcsc.num_clusters, cfg=cfg.cluster,
-                                     temperature=cfg.model.temperature, previous=previous)
+                                     temperature=cfg.model.temperature, previous=previous,
+                                     should_stop=stop.any_rank)
     timings["clustering_s"] = time.perf_counter() - start - timings["features_s"]
     labelled = inputs.train.num_classes > 1
     labels = gather_by_idx(found.idx, found.cls, found.num_samples) if labelled else None

@@ -208,7 +208,8 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then checkpoint and exit", self.signal_name)
+        log.warning("%s received: stopping at the next safe point (a logging step, a feature batch or a "
+                    "k-means iteration), then checkpoint and exit", self.signal_name)
 
     def any_rank(self) -> bool:
         """True on every rank when any rank was signalled (a collective: call it on all ranks)."""

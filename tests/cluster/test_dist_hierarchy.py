@@ -94,3 +94,61 @@ def test_errors_reach_every_rank_without_deadlock(dist_run):
     assert "1 feature rows are NaN or infinite" in nan
     assert "1 missing, 1 duplicated" in dup
     assert "level 2: every one of the 20 clusters has at most one member" in level
+
+
+def _rank0_fails_alone_then_lingers() -> dict:
+    """Rank 0 fails in the levels it computes alone (as a CUDA error would) and stays alive a while
+    afterwards (a process in its cleanup, or NCCL, which tells no peer); rank 1 must learn it at once."""
+    import time
+
+    from cluster import hierarchy
+
+    faiss.omp_set_num_threads(1)
+    if dist.rank() == 0:
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        hierarchy._run_upper = broken
+    start = time.perf_counter()
+    try:
+        _run(*_shard([1000, 1000]))
+        message = "no error"
+    except RuntimeError as err:
+        message = str(err)
+    seconds = time.perf_counter() - start
+    if dist.rank() == 0:
+        time.sleep(20)  # the lingering rank: rank 1's answer above did not wait for this
+    return {"message": message, "seconds": seconds}
+
+
+def test_an_error_on_rank_0_reaches_the_other_ranks_within_seconds(dist_run):
+    rank0, rank1 = dist_run(_rank0_fails_alone_then_lingers, 2)
+    assert rank0["message"].startswith("CUDA error: an illegal memory access")  # its own, unchanged
+    assert rank1["message"] == ("clustering failed on rank 0: RuntimeError: CUDA error: an illegal memory "
+                                "access was encountered")
+    assert rank1["seconds"] < 15  # not the 20 s rank 0 lingers, nor a collective timeout
+
+
+def _stop_on_rank1_after(iterations: int) -> dict:
+    """SIGTERM-like stop flag set on rank 1 only, after some k-means iterations: every rank stops."""
+    from core.errors import StopRequested
+
+    faiss.omp_set_num_threads(1)
+    asked = []
+
+    def any_rank() -> bool:
+        asked.append(1)
+        flag = torch.tensor([1.0 if dist.rank() == 1 and len(asked) > iterations else 0.0])
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    idx, feats = _shard([1000, 1000])
+    try:
+        hierarchical_kmeans(idx, feats, num_samples=N, num_clusters=LEVELS, cfg=ClusterConfig(niter=20),
+                            temperature=T, should_stop=any_rank)
+        return {"stopped": False, "asked": len(asked)}
+    except StopRequested as err:
+        return {"stopped": True, "asked": len(asked), "message": str(err)}
+
+
+def test_a_stop_on_one_rank_stops_every_rank_inside_the_k_means(dist_run):
+    for rank in dist_run(_stop_on_rank1_after, 2, 2):
+        assert rank == {"stopped": True, "asked": 3, "message": "stop requested during k-means"}

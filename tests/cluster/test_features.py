@@ -179,3 +179,19 @@ def test_clustering_pass_refuses_bf16_without_cuda_before_reading_data(fake_spli
     with pytest.raises(ConfigError, match="cluster.feature_precision: bf16 needs CUDA"):
         split_features(_bn_embed(), DataConfig(), "train", cluster=ClusterConfig(feature_precision="bf16"))
     assert fake_split == []
+
+
+def test_a_stop_check_ends_the_feature_pass_after_the_batch_in_flight():
+    from core.errors import StopRequested
+
+    batches = [Batch([torch.randn(4, 3, 8, 8)], torch.arange(4) + 4 * i, torch.zeros(4, dtype=torch.long))
+               for i in range(5)]
+    seen = []
+
+    def embed(views: torch.Tensor) -> torch.Tensor:
+        seen.append(views.shape[0])
+        return views.flatten(1)[:, :6]
+
+    with pytest.raises(StopRequested, match="stop requested during features"):
+        extract_features(embed, batches, desc="features", should_stop=lambda: len(seen) >= 2)
+    assert len(seen) == 2  # the two batches before the stop, not the five of the split

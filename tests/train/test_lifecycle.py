@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.faults import DIE_AT_ENV
+from core.faults import DIE_AT_ENV, SIGTERM_ENV
 from tests.train._helpers import ROOT, losses_by_step, records, run_env, train_cli, train_command
 
 pytestmark = pytest.mark.slow
@@ -183,10 +183,17 @@ def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(fmnist_shards,
     assert (run_dir / "checkpoints" / "latest").is_file(), "SIGTERM from the launcher's death saves first"
 
 
-def test_two_ranks_killed_after_an_epoch_checkpoint_resume_with_identical_losses(fmnist_shards, tmp_path):
+@pytest.fixture(scope="module")
+def straight_two_ranks(fmnist_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight2") / "run"
+    train_cli(fmnist_shards, run_dir, "data.val_split=", ranks=2)
+    return run_dir
+
+
+def test_two_ranks_killed_after_an_epoch_checkpoint_resume_with_identical_losses(
+        fmnist_shards, straight_two_ranks, tmp_path):
     """Both ranks' BatchNorm statistics are rank 0's after every step, so the checkpoint holds the
     state of every rank and a resumed 2-rank run clusters and trains as the uninterrupted one."""
-    train_cli(fmnist_shards, tmp_path / "straight", "data.val_split=", ranks=2)
     killed = tmp_path / "killed"
     command = train_command(fmnist_shards, killed, "data.val_split=", "engine.collective_timeout_s=60",
                             ranks=2)
@@ -195,4 +202,22 @@ def test_two_ranks_killed_after_an_epoch_checkpoint_resume_with_identical_losses
     assert proc.returncode != 0
     assert (killed / "checkpoints" / "epoch0001-batch000000").is_dir()
     train_cli(fmnist_shards, killed, "data.val_split=", ranks=2)
-    assert losses_by_step(killed) == pytest.approx(losses_by_step(tmp_path / "straight"), rel=1e-6)
+    assert losses_by_step(killed) == pytest.approx(losses_by_step(straight_two_ranks), rel=1e-6)
+
+
+def test_sigterm_during_clustering_stops_every_rank_before_training_and_resumes(
+        fmnist_shards, straight_two_ranks, tmp_path):
+    """SIGTERM reaching one rank while epoch 1 clusters: every rank stops inside the clustering (no
+    step of epoch 1 is trained), saves the epoch's start, exits 0; the rerun clusters again and ends
+    with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    command = train_command(fmnist_shards, run_dir, "data.val_split=", ranks=2)
+    proc = subprocess.run(command, env=run_env() | {SIGTERM_ENV: "1:1"}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped by a signal to another rank during the clustering of epoch 1" in proc.stdout  # rank 0
+    assert {r["epoch"] for r in records(run_dir)} == {0}  # not one step of epoch 1
+    assert not records(run_dir, "cluster")  # interrupted before its first level was recorded
+    assert (run_dir / "checkpoints" / "epoch0001-batch000000").is_dir()
+    train_cli(fmnist_shards, run_dir, "data.val_split=", ranks=2)
+    assert losses_by_step(run_dir) == pytest.approx(losses_by_step(straight_two_ranks), rel=1e-6)
