@@ -44,7 +44,7 @@ def _driver(tmp_path, monkeypatch, *, cuda: bool, hidden: bool = False):
     monkeypatch.setattr(preflight, "NVIDIA_DRIVER", version)
 
     def is_available() -> bool:
-        if not cuda:
+        if not cuda and not hidden:  # hidden GPUs: torch has nothing to warn about
             import warnings
             warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old", stacklevel=1)
         return cuda
@@ -109,3 +109,10 @@ def test_this_environment_has_exactly_one_faiss_build():
     from core import install
 
     assert install.check_faiss_build() in install.FAISS_BUILDS
+
+
+def test_faiss_gpu_asked_for_without_a_gpu_stops_at_start_up(tmp_path, monkeypatch):
+    preflight = _driver(tmp_path, monkeypatch, cuda=False, hidden=True)
+    with pytest.raises(preflight.PreflightError, match="cluster.search=faiss-gpu: cannot run here: the "
+                                                       "features are on the CPU"):
+        preflight._check_hardware(load_config(None, ["cluster.search=faiss-gpu"]))

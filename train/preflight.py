@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.kmeans import faiss_gpu_problem
 from core import dist
 from core.cli import UserError
 from core.config import Config, global_batch
@@ -140,6 +141,12 @@ def _check_hardware(cfg: Config) -> None:
         raise PreflightError(f"bf16 (engine.precision={precision}, cluster.feature_precision="
                              f"{cfg.cluster.feature_precision}): {torch.cuda.get_device_name()} has no "
                              "bf16 support; use fp16 for engine.precision and fp32 for the feature pass")
+    if cfg.cluster.search == "faiss-gpu":
+        problem = faiss_gpu_problem(dist.device())
+        if problem:
+            raise PreflightError(f"cluster.search=faiss-gpu: cannot run here: {problem}; set "
+                                 "cluster.search=auto (torch on the GPU) or install the gpu extra "
+                                 "(README.md#gpu)")
     if cfg.cluster.feature_precision != "fp32" and not cuda:
         raise PreflightError(f"cluster.feature_precision={cfg.cluster.feature_precision}: needs a CUDA "
                              "GPU and this machine has none; set cluster.feature_precision=fp32")
