@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from cluster.features import split_features
+from cluster.kmeans import assign, kmeans
 from core import dist
 from core.config import Config
 from evaluate.knn import knn_predict, topk_accuracy
@@ -44,23 +44,26 @@ def evaluate(model, cfg: Config, *, epoch: int, with_nmi: bool = False) -> dict[
                          temperature=cfg.eval.knn_t)
     result = {f"knn_{k}": v for k, v in topk_accuracy(scores, val_labels).items()}
     if with_nmi:
-        result.update(_val_clustering(val, val_labels, num_classes, seed=cfg.run.seed))
+        result.update(_val_clustering(val, val_labels, num_classes, seed=cfg.run.seed,
+                                      search=cfg.cluster.search))
     return result
 
 
-def _val_clustering(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int) -> dict[str, float]:
-    """faiss k-means (k = number of classes) of L2-normalised val trunk features, scored on rank 0
-    and broadcast (all ranks hold the same gathered features)."""
-    import faiss
+def _val_clustering(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int,
+                    search: str) -> dict[str, float]:
+    """k-means (k = number of classes) of the L2-normalised val trunk features where they were
+    computed (the GPU on a GPU run: `cluster.search` picks the search as in training), scored on
+    rank 0 and broadcast (all ranks hold the same gathered features).
 
+    The settings are `faiss.Kmeans`'s defaults, which this evaluation used before: 20 iterations, 5
+    restarts, at most 256 rows per centroid (faiss subsamples above that), no warning below 1."""
     scores = None
     if dist.is_main():
-        x = torch.nn.functional.normalize(feats, dim=1).cpu().numpy().astype(np.float32)
-        # min_points_per_centroid only decides whether faiss prints a "too few points" warning
-        km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=5, seed=seed, verbose=False,
-                          min_points_per_centroid=1)
-        km.train(x)
-        _, assign = km.index.search(x, 1)
-        found = clustering_scores(labels.cpu().numpy(), assign[:, 0])
+        x = torch.nn.functional.normalize(feats.float(), dim=1)
+        ids = torch.arange(x.shape[0], device=x.device)
+        km = kmeans(x, ids, num_samples=x.shape[0], k=k, niter=20, nredo=5, seed=seed,
+                    max_points_per_centroid=256, min_points_per_centroid=1, distributed=False, search=search)
+        assignment, _ = assign(x, km.centroids, search)
+        found = clustering_scores(labels.cpu().numpy(), assignment.cpu().numpy())
         scores = {f"val_{name}": v for name, v in found.items()}
     return dist.broadcast_object(scores)
