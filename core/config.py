@@ -59,6 +59,10 @@ class DataConfig:
     eval_batch_size: int = 160  # images per rank per step in eval mode (5 x batch, as the reference)
     workers: int = 4  # DALI threads / DataLoader workers per rank
     blur: bool = True  # Gaussian blur p=0.5 (MoCo v2 aug+); off only for ablations
+    # DALI train views: false = the official recipe as torchvision/PIL computes it (method.md §5.3);
+    # true = the cheaper approximation (fixed jitter order, linear YIQ hue, one rounding, Gaussian blur
+    # cut at 2 sigma on the normalised image), a documented deviation kept for benchmarking
+    fast_augment: bool = False
 
     @property
     def num_views(self) -> int:

@@ -61,7 +61,7 @@ class DaliLoader(Loader):
                                         self._reader_seed, colour=False, **common)
         elif self.plan.train:
             pipe = graph.train_pipeline(self.plan, aug.view_specs(self.cfg), self.cfg.blur, keep, dev,
-                                        self._reader_seed, **common)
+                                        self._reader_seed, fast=self.cfg.fast_augment, **common)
         else:
             pipe = graph.eval_pipeline(self.plan, self.cfg.image_size, self.cfg.eval_resize, keep, dev,
                                        self._reader_seed, self.cfg.eval_interpolation, **common)
