@@ -15,19 +15,22 @@ import abc
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from core import dist
+from core.cli import UserError
 from core.config import DataConfig
 from pipeline.batch import Batch
 from pipeline.plan import EpochPlan, epoch_plan, load_shards
 from shards.format import digits_to_int
 
+if TYPE_CHECKING:
+    from pipeline.dali_loader import DaliLoader
+
 log = logging.getLogger(__name__)
 Mode = Literal["train", "eval", "linear"]
-_warned_fallback = False
 
 
 @dataclass(frozen=True)
@@ -106,17 +109,27 @@ class Loader(abc.ABC):
                      digits_to_int(cls_digits).to(self.device, non_blocking=nb))
 
 
-def _dali_available() -> bool:
-    global _warned_fallback
+class BackendUnavailable(UserError):
+    """``data.backend=dali`` on a host where NVIDIA DALI cannot be imported."""
+
+
+def _dali_loader() -> type[DaliLoader]:
+    """The DALI loader class, or one line naming the setting and both fixes: a run configured for
+    DALI never falls back to the torch loader silently (the backends differ in speed several
+    times over, and a run's record should say which one produced its batches)."""
     try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        if not _warned_fallback:
-            log.warning("NVIDIA DALI is not installed: using the torch/webdataset reference loader "
-                        "(slower; install nvidia-dali-cuda120 for the DALI pipeline)")
-            _warned_fallback = True
-        return False
-    return True
+        from pipeline.dali_loader import DaliLoader
+    except (ImportError, OSError) as err:  # not installed, or a wheel whose libraries do not load here
+        raise BackendUnavailable(
+            f"data.backend=dali but NVIDIA DALI cannot be imported ({type(err).__name__}: {err}); "
+            "install it (pip install nvidia-dali-cuda130) or set data.backend=torch") from err
+    return DaliLoader
+
+
+def check_backend(cfg: DataConfig) -> None:
+    """Raise `BackendUnavailable` now if `cfg.backend` cannot run here (for start-up checks)."""
+    if cfg.backend == "dali":
+        _dali_loader()
 
 
 def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: int, epoch: int,
@@ -137,19 +150,19 @@ def build_loader(cfg: DataConfig, *, split: str, mode: Mode, rank: int, world: i
 
     Raises:
         ShardFormatError: a missing, truncated or inconsistent shard or manifest (one line).
+        BackendUnavailable: ``data.backend=dali`` and DALI cannot be imported (one line).
     """
     if mode not in ("train", "eval", "linear"):
         raise ValueError(f"mode must be 'train', 'eval' or 'linear', got {mode!r}")
+    dali_loader = _dali_loader() if cfg.backend == "dali" else None
     shards, total = load_shards(cfg.shards, split)
     train = mode != "eval"
     plan = epoch_plan(shards, total, train=train, rank=rank, world=world, epoch=epoch, seed=seed,
                       batch_size=cfg.batch_size if train else cfg.eval_batch_size)
     device = device or dist.device()
-    if cfg.backend == "dali" and _dali_available():
-        from pipeline.dali_loader import DaliLoader
-
-        return DaliLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device,
-                          linear=mode == "linear")
+    if dali_loader is not None:
+        return dali_loader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device,
+                           linear=mode == "linear")
     from pipeline.reference import TorchLoader
 
     return TorchLoader(cfg, plan, seed=seed, epoch=epoch, start_batch=start_batch, device=device,

@@ -1,10 +1,9 @@
-"""The DALI-missing fallback, and the `data.fast_augment` graph's colour approximation (its
+"""No silent fallback without DALI, and the `data.fast_augment` graph's colour approximation (its
 documented deviation from torchvision, and its GPU form). The default graph is checked against the
 reference in test_contract.py and test_pil_ops.py."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import numpy as np
@@ -12,21 +11,32 @@ import pytest
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from pipeline import build_loader, dali_graph
-from pipeline import loader as loader_module
+from core.cli import EXIT_USER_ERROR, UserError, run_cli
+from pipeline import build_loader, check_backend, dali_graph
 from pipeline.reference import TorchLoader
 from tests.pipeline.test_train import config
 
 
-def test_falls_back_to_torch_without_dali(fmnist_shards, monkeypatch, caplog):
+def test_dali_backend_without_dali_is_one_clear_error(fmnist_shards, monkeypatch, capsys):
+    """data.backend=dali on a host without DALI stops with one line naming the setting and the two
+    fixes, through the commands' error boundary (exit 2), instead of training on the torch loader."""
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` raises ImportError
-    monkeypatch.setattr(loader_module, "_warned_fallback", False)
-    cfg = config(fmnist_shards, "dali")
-    with caplog.at_level(logging.WARNING):
-        for _ in range(2):
-            loader = build_loader(cfg, split="train", mode="eval", rank=0, world=1, epoch=0, seed=0)
-            assert isinstance(loader, TorchLoader)
-    assert sum("DALI is not installed" in r.message for r in caplog.records) == 1  # said once
+    for module in ("pipeline.dali_loader", "pipeline.dali_graph", "pipeline.dali_pil"):
+        monkeypatch.delitem(sys.modules, module, raising=False)  # imported afresh, as on such a host
+    args = dict(split="train", mode="eval", rank=0, world=1, epoch=0, seed=0)
+    with pytest.raises(UserError) as err:
+        build_loader(config(fmnist_shards, "dali"), **args)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "data.backend=dali" in message and "pip install nvidia-dali" in message
+    assert "data.backend=torch" in message
+    with pytest.raises(UserError, match="data.backend=dali"):
+        check_backend(config(fmnist_shards, "dali"))  # the same, for a start-up check
+    code = run_cli("hcsc-train", lambda: build_loader(config(fmnist_shards, "dali"), **args) and 0)
+    assert code == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == f"hcsc-train: error: {message}"
+    with build_loader(config(fmnist_shards, "torch"), **args) as loader:  # the torch backend needs no DALI
+        assert isinstance(loader, TorchLoader) and len(list(loader)) == len(loader)
 
 
 # data.fast_augment: (brightness, contrast, saturation, grayscale) -> max mean |DALI - torchvision| in
