@@ -104,18 +104,26 @@ def test_dali_shuffle_buffer_smaller_than_the_share_repeats_nothing(fmnist_shard
 
 @pytest.mark.gpu
 def test_dali_gpu_views_match_cpu(fmnist_shards, jpeg_shards):
-    """Mixed (nvJPEG) decode and GPU ops: views land on the GPU and agree with the CPU pipeline."""
+    """Mixed (nvJPEG) decode and GPU ops: views land on the GPU and agree with the CPU pipeline. Both
+    loaders must be DALI's: the comparison means nothing if either were the torch one, so it is
+    asserted (and without DALI, build_loader stops)."""
+    from pipeline.dali_loader import DaliLoader
+
     cfg = config(jpeg_shards, "dali", image_size=64, eval_resize=72, eval_batch_size=8)
     out = {}
     for device in (torch.device("cuda", 0), torch.device("cpu")):
         args = dict(split="train", mode="eval", rank=0, world=1, epoch=0, seed=0, device=device)
         with build_loader(cfg, **args) as loader:
+            assert isinstance(loader, DaliLoader)
             batches = list(loader)
         assert all(b.views[0].device == device and b.idx.device == device for b in batches)
         out[device.type] = torch.cat([b.views[0].cpu() for b in batches])
     assert (out["cuda"] - out["cpu"]).abs().mean() < 0.02  # decoders differ by IDCT rounding
     cfg = config(fmnist_shards, "dali", multi_crop=True)
-    batches = collect(cfg, device=torch.device("cuda", 0))
+    with build_loader(cfg, split="train", mode="train", rank=0, world=1, epoch=0, seed=0,
+                      device=torch.device("cuda", 0)) as loader:
+        assert isinstance(loader, DaliLoader)
+        batches = list(loader)
     assert len(batches) == FMNIST_TRAIN // 16 and all(v.is_cuda for v in batches[0].views)
 
 
