@@ -116,3 +116,20 @@ def test_faiss_gpu_asked_for_without_a_gpu_stops_at_start_up(tmp_path, monkeypat
     with pytest.raises(preflight.PreflightError, match="cluster.search=faiss-gpu: cannot run here: the "
                                                        "features are on the CPU"):
         preflight._check_hardware(load_config(None, ["cluster.search=faiss-gpu"]))
+
+
+def test_dali_asked_for_where_it_does_not_import_stops_at_start_up(tmp_path, monkeypatch):
+    import builtins
+
+    preflight = _driver(tmp_path, monkeypatch, cuda=False, hidden=True)
+    real_import = builtins.__import__
+
+    def no_dali(name, *args, **kwargs):
+        if name.startswith("nvidia.dali") or name == "pipeline.dali_loader":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dali)
+    with pytest.raises(preflight.PreflightError, match="data.backend=dali"):
+        preflight._check_hardware(load_config(None, ["data.backend=dali"]))
+    preflight._check_hardware(load_config(None, ["data.backend=torch"]))  # the reference loader needs none

@@ -25,6 +25,7 @@ from core.cli import UserError
 from core.config import Config, global_batch
 from core.errors import first_line
 from core.files import nearest_existing
+from pipeline import BackendUnavailable, check_backend
 from pipeline.plan import load_split
 from shards.format import INFO_NAME, ShardFormatError, SplitManifest
 from train import checkpoint
@@ -141,6 +142,10 @@ def _check_hardware(cfg: Config) -> None:
         raise PreflightError(f"bf16 (engine.precision={precision}, cluster.feature_precision="
                              f"{cfg.cluster.feature_precision}): {torch.cuda.get_device_name()} has no "
                              "bf16 support; use fp16 for engine.precision and fp32 for the feature pass")
+    try:
+        check_backend(cfg.data)
+    except BackendUnavailable as err:
+        raise PreflightError(str(err)) from None
     if cfg.cluster.search == "faiss-gpu":
         problem = faiss_gpu_problem(dist.device())
         if problem:
