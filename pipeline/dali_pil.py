@@ -59,7 +59,7 @@ def _round_u8(img):
 
 def _luma_float(img):
     """PIL's "L" of a uint8 HWC image as whole numbers in float, HW1: ``floor(L24 / 2^16 + 1/2)``."""
-    return dmath.floor(fn.coord_transform(img, M=L_WEIGHTS, dtype=types.FLOAT) + 0.5)
+    return dmath.floor(fn.coord_transform(img, M=L_WEIGHTS, T=[0.5], dtype=types.FLOAT))
 
 
 def luma(img, device: str = "cpu"):
@@ -88,7 +88,7 @@ def contrast(img, factor, device: str = "cpu"):
     """
     shape = img.shape()
     pixels = fn.cast(shape[0] * shape[1], dtype=types.FLOAT64)
-    total = fn.cast(fn.reductions.sum(luma(img, device), dtype=types.FLOAT), dtype=types.FLOAT64)
+    total = fn.cast(fn.reductions.sum(_luma_float(img)), dtype=types.FLOAT64)
     pivot = fn.cast(dmath.floor(total / pixels + 0.5), dtype=types.FLOAT)
     return _floor_u8(pivot + factor * (img - pivot), device)
 
@@ -105,51 +105,64 @@ def grayscale(img, device: str = "cpu"):
     return fn.cat(gray, gray, gray, axis=2)
 
 
+# PIL's hue before the shift is h = B + s * q in float32 (Convert.c rgb2hsv_row: bc - gc, or
+# 2.0 + rc - bc / 4.0 + gc - rc computed in double and stored as float), where q = (max - mid) / (max
+# - min) is the middle channel's float quotient (the minimum channel's is exactly 1) and (B, s)
+# depend on the order of r, g, b only: here indexed by 4 (r >= g) + 2 (g >= b) + (b >= r). Ties pick
+# either neighbouring sextant, which gives the same 8-bit hue (the exhaustive test checks it); all
+# three equal (grey, 7) must give 0.
+_SEXTANT_B = [0.0, 3.0, 1.0, 3.0, -1.0, 5.0, 1.0, 0.0]
+_SEXTANT_S = [1.0, 1.0, 1.0, -1.0, 1.0, -1.0, -1.0, 1.0]
+# hsv2rgb's lookup key: the 8-bit hue before the shift + shift + _HUE_OFFSET, so the table itself
+# wraps modulo 256 (shifts are within +-25: int(0.1 * 255))
+_HUE_OFFSET = 32
+_HUE_KEYS = 256 + 2 * _HUE_OFFSET
+
+
 @cache
-def _hsv_weights() -> tuple[list[float], list[float], list[float]]:
-    """Per RGB channel and 8-bit hue h: the w in ``round(v * (1 - s * w))`` that PIL's hsv2rgb
-    gives that channel (Convert.c: v is w = 0, p is 1, q is f, t is 1 - f, picked by the sector)."""
-    weights: tuple[list[float], list[float], list[float]] = ([], [], [])
-    for h in range(256):
+def _hsv_weights() -> list[float]:
+    """Per lookup key (RGB channel c times `_HUE_KEYS`, plus `_HUE_OFFSET` + shifted 8-bit hue h):
+    the w in ``round(v * (1 - s * w))`` that PIL's hsv2rgb gives that channel (Convert.c: v is w = 0,
+    p is 1, q is f, t is 1 - f, picked by the sector)."""
+    weights: list[list[float]] = [[], [], []]
+    for key in range(_HUE_KEYS):
+        h = (key - _HUE_OFFSET) % 256
         i = math.floor(h * 6.0 / 255.0)
         f = float(np.float32(h * 6.0 / 255.0 - i))
         v, p, q, t = 0.0, 1.0, f, 1.0 - f
         rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i % 6]
         for channel, w in zip(weights, rgb, strict=True):
             channel.append(w)
-    return weights
+    return weights[0] + weights[1] + weights[2]
 
 
-def hue(img, factor):
+def hue(img, factor, device: str = "cpu"):
     """torchvision ``adjust_hue``: PIL's RGB -> HSV (8-bit H and S), H + int(factor * 255) mod 256,
-    HSV -> RGB, in PIL's float precision (Convert.c rgb2hsv_row / hsv2rgb); the same operators on
-    either device."""
+    HSV -> RGB, in PIL's float precision (Convert.c rgb2hsv_row / hsv2rgb)."""
     r, g, b = img[:, :, 0:1], img[:, :, 1:2], img[:, :, 2:3]  # HW1 planes (HWC layout)
-    maxc = dmath.max(r, dmath.max(g, b))
-    cr = maxc - dmath.min(r, dmath.min(g, b))
-    nonzero = dmath.max(cr, 1)  # grey pixels: PIL sets H = S = 0, which the formulas below give
-    rc, gc, bc = ((maxc - c) / nonzero for c in (r, g, b))  # float32 quotients, as PIL's
-    rc64, gc64, bc64 = (fn.cast(c, dtype=types.FLOAT64) for c in (rc, gc, bc))
-    # PIL's three branches: float h = bc - gc, or 2.0 + rc - bc / 4.0 + gc - rc in double stored as float
-    on_r = r == maxc
-    on_g = (r != maxc) & (g == maxc)
-    on_b = (r != maxc) & (g != maxc)
-    h = ((bc - gc) * on_r + fn.cast(2.0 + rc64 - bc64, dtype=types.FLOAT) * on_g
-         + fn.cast(4.0 + gc64 - rc64, dtype=types.FLOAT) * on_b)  # exactly one term is non-zero
+    high, low = dmath.max(r, g), dmath.min(r, g)
+    maxc, minc, mid = dmath.max(high, b), dmath.min(low, b), dmath.max(low, dmath.min(high, b))
+    cr = maxc - minc
+    q = (maxc - mid) / dmath.max(cr, 1)  # float32, as PIL's; grey pixels: 0, and sextant 7 gives h 0
+    sextant = (r >= g) * 4 + (g >= b) * 2 + (b >= r)
+    h = (fn.lookup_table(sextant, keys=list(range(8)), values=_SEXTANT_S, dtype=types.FLOAT) * q
+         + fn.lookup_table(sextant, keys=list(range(8)), values=_SEXTANT_B, dtype=types.FLOAT))
     turn = fn.cast(h, dtype=types.FLOAT64) / 6.0 + 1.0
-    turn = fn.cast(fn.cast(turn - dmath.floor(turn), dtype=types.FLOAT), dtype=types.FLOAT64)  # float h
-    h8 = dmath.floor(turn * 255.0)  # (int)(fmod(h / 6 + 1, 1) * 255), the product in double
-    s8 = dmath.floor(fn.cast(cr / dmath.max(maxc, 1), dtype=types.FLOAT64) * 255.0)
-    # np.int32(hue * 255) truncates towards zero; the uint8 addition wraps
+    turn = fn.cast(fn.cast(turn - (turn >= 1.0), dtype=types.FLOAT), dtype=types.FLOAT64)  # fmod, as float
+    # np.int32(hue * 255) truncates towards zero; the uint8 wrap-around is in the table
     shift = fn.cast(factor, dtype=types.FLOAT64) * 255.0
-    shift = dmath.floor(dmath.abs(shift)) * (1.0 - 2.0 * (shift < 0.0))
-    h8 = h8 + shift
-    h8 = fn.cast(h8 - 256.0 * dmath.floor(h8 / 256.0), dtype=types.INT32)
+    shift = dmath.floor(dmath.abs(shift)) * (1.0 - 2.0 * (shift < 0.0)) + _HUE_OFFSET
+    h8 = turn * 255.0  # (int)(h * 255.0) in double: floored, plus the shift, as a key
+    if device == "gpu":  # the GPU's cast rounds halves to even: floor first, then the cast is exact
+        key = fn.cast(dmath.floor(h8) + shift, dtype=types.INT32)
+    else:  # the CPU's rounds halves away from zero: round(x - 1/2) == floor(x) for x >= 1/2
+        key = fn.cast(h8 + (shift - 0.5), dtype=types.INT32)
+    s8 = dmath.floor(fn.cast(cr / dmath.max(maxc, 1), dtype=types.FLOAT64) * 255.0)
     fs = fn.cast(s8 / 255.0, dtype=types.FLOAT)
-    planes = [_round_u8(maxc * (1.0 - fs * fn.lookup_table(h8, keys=list(range(256)), values=w,
-                                                            dtype=types.FLOAT)))
-              for w in _hsv_weights()]
-    return fn.cat(*planes, axis=2)
+    # one key per channel (HW1 + [3] broadcasts to HWC), each channel's weights in its own table range
+    keys = key + types.Constant(np.array([0, _HUE_KEYS, 2 * _HUE_KEYS], dtype=np.int32))
+    weight = fn.lookup_table(keys, keys=list(range(3 * _HUE_KEYS)), values=_hsv_weights(), dtype=types.FLOAT)
+    return _round_u8(maxc * (1.0 - fs * weight))
 
 
 def _box_radius_max() -> int:

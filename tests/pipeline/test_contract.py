@@ -45,7 +45,7 @@ def _no_blur(img, sigma, device="cpu"):
     return img
 
 
-def _no_hue(img, factor):
+def _no_hue(img, factor, device="cpu"):
     return img
 
 

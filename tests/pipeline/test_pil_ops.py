@@ -72,11 +72,11 @@ def test_grayscale_equals_pil_on_every_colour(device):
 
 
 @pytest.mark.slow
-def test_hue_equals_pil_on_every_colour():
-    """The one operator chain for both devices (no CPU-only arguments, no rounded halves)."""
+@pytest.mark.parametrize("device", ["cpu", "gpu"], ids=["cpu-form", "gpu-form"])
+def test_hue_equals_pil_on_every_colour(device):
     for factor in HUES:
         f = float(np.float32(factor))
-        ours = run_op([ALL_COLOURS], dali_pil.hue, [f])
+        ours = run_op([ALL_COLOURS], lambda x, v: dali_pil.hue(x, v, device), [f])
         assert_same(ours, [np.asarray(TF.adjust_hue(Image.fromarray(ALL_COLOURS), f))], [ALL_COLOURS])
 
 
