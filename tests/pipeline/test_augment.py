@@ -20,7 +20,9 @@ from tests.pipeline.test_train import config
 def test_dali_backend_without_dali_is_one_clear_error(fmnist_shards, monkeypatch, capsys):
     """data.backend=dali on a host without DALI stops with one line naming the setting and the two
     fixes, through the commands' error boundary (exit 2), instead of training on the torch loader."""
-    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` raises ImportError
+    for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        # `import nvidia.dali...` raises ImportError, submodules too (a cached one would be reused)
+        monkeypatch.setitem(sys.modules, name, None)
     for module in ("pipeline.dali_loader", "pipeline.dali_graph", "pipeline.dali_pil"):
         monkeypatch.delitem(sys.modules, module, raising=False)  # imported afresh, as on such a host
     args = dict(split="train", mode="eval", rank=0, world=1, epoch=0, seed=0)
