@@ -39,16 +39,21 @@ def run_summary(cfg: Config, inputs: RunInputs, model: torch.nn.Module, steps_pe
             "lr": lr, "trained_parameters": params, "precision": cfg.engine.precision,
             "device": str(dist.device()), "backend": cfg.data.backend, "encoder": cfg.model.encoder,
             "levels": list(cfg.hcsc.num_clusters) if cfg.hcsc.enabled else [],
-            **{f"version_{name}": _version(package) for name, package in (
-                ("torch", "torch"), ("dali", "nvidia-dali-cuda120"), ("faiss", "faiss-cpu"),
-                ("deepspeed", "deepspeed"))}}
+            **{f"version_{name}": _version(*packages) for name, packages in (
+                ("torch", ("torch",)), ("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")),
+                ("faiss", ("faiss-cpu", "faiss-gpu")), ("deepspeed", ("deepspeed",)))}}
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def _version(*packages: str) -> str:
+    """The version of the first of `packages` installed; with several candidates (the builds of one
+    library) its name too, since the build matters as much as the version."""
+    for package in packages:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return version if len(packages) == 1 else f"{version} ({package})"
+    return "not installed"
 
 
 def cluster_records(prototypes: Prototypes, level_sizes: list[torch.Tensor], labels: torch.Tensor | None, *,

@@ -57,6 +57,8 @@ def test_cluster_epoch_run_and_init_records(run_dir):
     [run] = records(run_dir, "run")
     assert run["train_samples"] == 256 and run["steps_per_epoch"] == 4 and run["global_batch"] == 8
     assert run["version_torch"] and run["trained_parameters"] > 0
+    # the builds in use, named (the DALI build the run read its batches with, the faiss build)
+    assert run["version_dali"].endswith("(nvidia-dali-cuda130)") and "(faiss-" in run["version_faiss"]
     [init] = records(run_dir, "init")
     [final] = records(run_dir, "final")
     assert set(init) - {"step", "time"} == set(final) - {"step", "time"}
