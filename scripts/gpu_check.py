@@ -142,22 +142,10 @@ def _engine(cfg):
 
 def _prototypes(size: Size, dim: int, temperature: float):
     """Random hierarchical prototypes over `size.dataset` rows (the step's cost does not depend on
-    how they were found)."""
-    import torch.nn.functional as F
+    how they were found): bench/step.py's, on this device."""
+    from bench.step import synthetic_prototypes
 
-    from cluster.prototypes import Prototypes
-
-    g = torch.Generator().manual_seed(0)
-    labels = [torch.randint(0, size.levels[0], (size.dataset,), generator=g)]
-    parents = []
-    for fine, coarse in zip(size.levels, size.levels[1:], strict=False):
-        parent = torch.cat([torch.arange(coarse), torch.randint(0, coarse, (fine - coarse,), generator=g)])
-        parents.append(parent)
-        labels.append(parent[labels[-1]])
-    centroids = [F.normalize(torch.randn(m, dim, generator=g), dim=1) for m in size.levels]
-    density = [torch.full((m,), temperature) for m in size.levels]
-    logits = [a @ b.t() for a, b in zip(centroids, centroids[1:], strict=False)]
-    return Prototypes(labels, centroids, density, parents, logits).to(device())
+    return synthetic_prototypes(size.dataset, list(size.levels), dim, temperature).to(device())
 
 
 def _synthetic_batch(size: Size):
