@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from cluster.concentration import cluster_sums, concentration
 from cluster.features import agree_dim
-from cluster.kmeans import KMeansResult, assign, kmeans
+from cluster.kmeans import KMeansResult, assign, choose_search, faiss_gpu_problem, kmeans
 from cluster.prototypes import LevelStats, Prototypes
-from cluster.search import choose_search, faiss_gpu_problem
 from core import dist
 from core.config import ClusterConfig
 from core.errors import StopCheck, first_line
@@ -214,7 +213,7 @@ def _add_level(out: _UpperLevels, level: int, km: KMeansResult, counts: torch.Te
 
 
 def _agree_search(search: str, device: torch.device) -> str:
-    """The search backend every rank uses, logged once (`search.choose_search`); collective.
+    """The search backend every rank uses, logged once (`kmeans.choose_search`); collective.
 
     Ranks check faiss-gpu on their own GPU and share what they found, so that auto picks one
     backend for all of them and an explicit faiss-gpu that fails on any rank stops every rank with

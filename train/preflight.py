@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.search import faiss_gpu_problem
+from cluster.kmeans import faiss_gpu_problem
 from core import dist
 from core.cli import UserError
 from core.config import Config, global_batch

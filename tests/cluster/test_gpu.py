@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import cluster.kmeans as km
-import cluster.search as cs
 from cluster.hierarchy import hierarchical_kmeans
 from core.config import ClusterConfig
 from tests.cluster._data import planted
@@ -19,20 +18,20 @@ pytestmark = pytest.mark.gpu
 def _cuda_searches(monkeypatch) -> list[tuple[torch.device, torch.device, torch.device]]:
     """Records (rows, distances, labels) devices of every torch search."""
     seen = []
-    real = cs.torch_nearest
+    real = km.torch_nearest
 
     def spy(x, *args):
         dis, lab = real(x, *args)
         seen.append((x.device, dis.device, lab.device))
         return dis, lab
 
-    monkeypatch.setattr(cs, "torch_nearest", spy)
+    monkeypatch.setattr(km, "torch_nearest", spy)
     return seen
 
 
 @pytest.mark.parametrize("search", ["auto", "faiss-gpu", "torch"])
 def test_cuda_features_give_the_cpu_result(monkeypatch, search):
-    problem = cs.faiss_gpu_problem(torch.device("cuda", 0))
+    problem = km.faiss_gpu_problem(torch.device("cuda", 0))
     if search == "faiss-gpu" and problem:
         pytest.skip(f"faiss-gpu cannot run here ({problem}): the GPU index path cannot run")
     seen = _cuda_searches(monkeypatch)
@@ -83,13 +82,13 @@ def test_kmeans_with_torch_search_on_cuda_equals_faiss_cpu(monkeypatch):
 
 
 def test_faiss_gpu_resources_are_created_once_per_device():
-    problem = cs.faiss_gpu_problem(torch.device("cuda", 0))
+    problem = km.faiss_gpu_problem(torch.device("cuda", 0))
     if problem:
         pytest.skip(f"faiss-gpu cannot run here ({problem})")
-    first = cs.Searcher(16, torch.device("cuda", 0), "faiss-gpu")
-    second = cs.Searcher(16, torch.device("cuda", 0), "faiss-gpu")
+    first = km.Searcher(16, torch.device("cuda", 0), "faiss-gpu")
+    second = km.Searcher(16, torch.device("cuda", 0), "faiss-gpu")
     assert first.backend == second.backend == "faiss-gpu"
-    assert list(cs._GPU_RESOURCES) == [0]
+    assert list(km._GPU_RESOURCES) == [0]
 
 
 def test_bf16_feature_pass_autocasts_on_cuda_and_returns_fp32():

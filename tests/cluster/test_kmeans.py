@@ -139,7 +139,7 @@ def test_fewer_points_than_clusters_is_a_clear_error():
 def test_chunked_cpu_search_equals_one_faiss_search():
     # Searcher splits CPU searches into _SEARCH_CHUNK-row calls (memory); a row count that is not a
     # multiple of the chunk, against one faiss call over all rows, must give identical results.
-    from cluster.search import _SEARCH_CHUNK
+    from cluster.kmeans import _SEARCH_CHUNK
 
     x = _data(n=2 * _SEARCH_CHUNK + 37, d=32, seed=3)
     centroids = _data(n=300, d=32, seed=4)
@@ -181,8 +181,7 @@ def test_pruned_lloyd_iterations_match_faiss_on_its_blas_path():
 # (BoundedAssignment directly: kmeans() itself uses it only from MIN_CLUSTERS clusters on)
 def test_bounded_assignment_equals_a_full_faiss_search_at_every_step(monkeypatch, movers):
     # Centroids drift step by step; exact twins and near-twins are planted on purpose.
-    from cluster.kmeans import BoundedAssignment
-    from cluster.search import Searcher
+    from cluster.kmeans import BoundedAssignment, Searcher
 
     monkeypatch.setattr(BoundedAssignment, "MOVERS", movers)
     rng = np.random.default_rng(5)

@@ -11,10 +11,8 @@ import pytest
 import torch
 
 import cluster.kmeans as km
-import cluster.search as cs
 from cluster.hierarchy import hierarchical_kmeans
-from cluster.kmeans import kmeans
-from cluster.search import choose_search, resolve_search, torch_nearest
+from cluster.kmeans import choose_search, kmeans, resolve_search, torch_nearest
 from core.config import ClusterConfig, ConfigError
 from tests.cluster._data import planted
 
@@ -47,7 +45,7 @@ def _assert_same_as_faiss(x, c, dis, lab):
 
 def test_torch_search_equals_faiss_cpu_except_near_ties(monkeypatch):
     # a small block (7 rows x 300 centroids) so that the rows go in many blocks, the last one short
-    monkeypatch.setattr(cs, "_TORCH_BLOCK", 7 * 300)
+    monkeypatch.setattr(km, "_TORCH_BLOCK", 7 * 300)
     x, c = _unit(5003, 128, 0), _unit(300, 128, 1)
     c[50] = c[40] + np.float32(1e-7)  # a near-tie within float rounding
     x[:20] = c[40] + 0.05 * _unit(20, 128, 2)
@@ -96,8 +94,8 @@ def _kmeans(x, k, search, **kwargs):
 @pytest.mark.parametrize("k", [30, 256])  # 256: faiss-cpu prunes (BoundedAssignment), torch does not
 def test_kmeans_with_torch_search_equals_faiss_cpu_on_separated_data(monkeypatch, k):
     calls = []
-    real = cs.torch_nearest
-    monkeypatch.setattr(cs, "torch_nearest", lambda *a: calls.append(1) or real(*a))
+    real = km.torch_nearest
+    monkeypatch.setattr(km, "torch_nearest", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(6)
     means = _unit(k, 64, 7) * 4.0  # far apart against the noise: no row is near a boundary
     x = (means[rng.integers(0, k, 20 * k)] + 0.05 * rng.standard_normal((20 * k, 64))).astype(np.float32)
@@ -151,8 +149,8 @@ def _hier(cfg, caplog):
 
 def test_hierarchy_passes_cluster_search_through_and_logs_the_choice_once(monkeypatch, caplog):
     devices = []
-    real = cs.torch_nearest
-    monkeypatch.setattr(cs, "torch_nearest", lambda x, *a: devices.append(x.device) or real(x, *a))
+    real = km.torch_nearest
+    monkeypatch.setattr(km, "torch_nearest", lambda x, *a: devices.append(x.device) or real(x, *a))
     ours, lines = _hier(ClusterConfig(search="torch"), caplog)
     assert lines == ["clustering: nearest-centroid search with torch (cluster.search=torch, exact fp32 on "
                      "cpu)"]
@@ -201,17 +199,17 @@ class _FakeGpuIndex:
 
 
 def test_one_faiss_gpu_resource_per_device_for_every_searcher(monkeypatch):
-    monkeypatch.setattr(cs, "_GPU_RESOURCES", {})
-    monkeypatch.setattr(cs, "_FAISS_GPU_PROBLEM", {})
+    monkeypatch.setattr(km, "_GPU_RESOURCES", {})
+    monkeypatch.setattr(km, "_FAISS_GPU_PROBLEM", {})
     monkeypatch.setattr(_FakeGpuResources, "created", 0)
     monkeypatch.setattr(faiss, "StandardGpuResources", _FakeGpuResources, raising=False)
     monkeypatch.setattr(faiss, "GpuIndexFlatL2", _FakeGpuIndex, raising=False)
     monkeypatch.setattr(faiss, "GpuIndexFlatConfig", type("Config", (), {}), raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
-    searchers = [cs.Searcher(16, torch.device("cuda", i), "faiss-gpu") for i in (0, 0, 0, 1)]
+    searchers = [km.Searcher(16, torch.device("cuda", i), "faiss-gpu") for i in (0, 0, 0, 1)]
     assert [s.backend for s in searchers] == ["faiss-gpu"] * 4
     assert _FakeGpuResources.created == 2  # cuda:0 and cuda:1, not one per searcher
-    assert cs.gpu_resources(0) is cs.gpu_resources(0) is not cs.gpu_resources(1)
+    assert km.gpu_resources(0) is km.gpu_resources(0) is not km.gpu_resources(1)
 
 
 def test_a_faiss_gpu_that_fails_its_test_search_is_unusable(monkeypatch):
@@ -219,8 +217,8 @@ def test_a_faiss_gpu_that_fails_its_test_search_is_unusable(monkeypatch):
         def search(self, x, k):
             raise RuntimeError("no kernel image is available for execution on the device\nmore")
 
-    monkeypatch.setattr(cs, "_GPU_RESOURCES", {})
-    monkeypatch.setattr(cs, "_FAISS_GPU_PROBLEM", {})
+    monkeypatch.setattr(km, "_GPU_RESOURCES", {})
+    monkeypatch.setattr(km, "_FAISS_GPU_PROBLEM", {})
     monkeypatch.setattr(faiss, "StandardGpuResources", _FakeGpuResources, raising=False)
     monkeypatch.setattr(faiss, "GpuIndexFlatL2", Broken, raising=False)
     monkeypatch.setattr(faiss, "GpuIndexFlatConfig", type("Config", (), {}), raising=False)
